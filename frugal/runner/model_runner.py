@@ -1,0 +1,76 @@
+"""ModelRunner: SchedulerOutput -> tensors -> model -> sampler -> RunnerOutput.
+
+Owns the model, its paged KV cache tensors and the per-request random generators (one per seeded
+request, created on first sight and dropped when the scheduler reports the request finished), so a
+seeded request samples the same tokens whatever else shares its batch.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from frugal.core.scheduler_output import RunnerOutput, SchedulerOutput
+from frugal.runner.input_builder import ModelInput, build_model_input
+from frugal.sample.metadata import SamplingMetadata
+from frugal.sample.sampler import Sampler
+
+logger = logging.getLogger(__name__)
+
+
+class ModelRunner:
+    def __init__(self, model: nn.Module, kv_caches: list[torch.Tensor], block_size: int, device: torch.device):
+        self.model = model
+        self.kv_caches = kv_caches
+        self.block_size = block_size
+        self.device = device
+        self.sampler = Sampler()
+        self._generators: dict[str, torch.Generator] = {}
+
+    def _generator_for(self, request_id: str, seed: int | None) -> torch.Generator | None:
+        if seed is None:
+            return None
+        generator = self._generators.get(request_id)
+        if generator is None:
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(seed)
+            self._generators[request_id] = generator
+        return generator
+
+    def forward_logits(self, model_input: ModelInput) -> torch.Tensor | None:
+        """Run the model over the flat batch; logits [num_logits_rows, vocab] float32, or None when no
+        request samples this step (pure prefill chunks)."""
+        hidden_states = self.model(model_input.input_ids, model_input.positions, self.kv_caches,
+                                   model_input.attn_metadata)  # [num_tokens, hidden]
+        if not model_input.sample_groups:
+            return None
+        return self.model.compute_logits(hidden_states[model_input.logits_indices])  # [rows, vocab]
+
+    @torch.inference_mode()
+    def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
+        for request_id in scheduler_output.finished_request_ids:
+            self._generators.pop(request_id, None)
+        # A preempted request keeps its output tokens and its generator: recompute rebuilds only the
+        # KV cache, so its next sample continues the same random stream as if never preempted.
+        if scheduler_output.is_empty:
+            return RunnerOutput()
+        model_input = build_model_input(scheduler_output, self.block_size, self.device)
+        logits = self.forward_logits(model_input)
+        if logits is None:
+            return RunnerOutput()
+
+        requests = [sched.request for sched, _, _ in model_input.sample_groups]
+        # Plain decoding: one logits row per sampling request (speculative verification plugs in here).
+        assert all(num_rows == 1 for _, _, num_rows in model_input.sample_groups), "speculative rows need a verifier"
+        generators = {r.request_id: g for r in requests
+                      if (g := self._generator_for(r.request_id, r.sampling_params.seed)) is not None}
+        metadata = SamplingMetadata.from_requests(requests, generators, device=logits.device)
+        sampled = self.sampler(logits, metadata)
+        output = RunnerOutput()
+        for i, request in enumerate(requests):
+            output.sampled_token_ids[request.request_id] = [sampled.token_ids[i]]
+            if sampled.logprobs is not None and request.sampling_params.logprobs is not None:
+                output.logprobs[request.request_id] = [sampled.logprobs[i]]
+        return output
