@@ -26,6 +26,9 @@ class RequestMetrics:
     num_output_tokens: int = 0
     num_cached_tokens: int = 0
     num_preemptions: int = 0
+    # Speculative decoding (frugal.spec.decoder.SpecStats snapshot): accepted tokens per target step,
+    # acceptance by position. None without speculation.
+    spec: object | None = None
 
     @property
     def time_to_first_token(self) -> float | None:

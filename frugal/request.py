@@ -17,6 +17,7 @@ class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     PREEMPTED = "preempted"
+    SWAPPED = "swapped"          # preempted with its KV kept in the slow tier (core/swap.py)
     FINISHED_STOPPED = "finished_stopped"
     FINISHED_LENGTH = "finished_length"
     FINISHED_ABORTED = "finished_aborted"
@@ -54,6 +55,9 @@ class Request:
     num_preemptions: int = 0
     # FastServe-style multi-level queue position (0 = highest priority); policies own its meaning.
     queue_level: int = 0
+    # BENCHMARK ORACLE ONLY: the true number of output tokens, known to a trace replay and read by
+    # the `sjf-oracle` scheduling policy; never set for real traffic.
+    oracle_output_len: int | None = None
     # A stop token id or stop string that ended the request (None for EOS / length).
     stop_reason: int | str | None = None
 

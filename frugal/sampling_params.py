@@ -74,8 +74,8 @@ class SamplingParams:
             raise bad("presence_penalty", "must be in [-2, 2]")
         if not is_num(self.frequency_penalty) or not -2 <= self.frequency_penalty <= 2:
             raise bad("frequency_penalty", "must be in [-2, 2]")
-        if self.seed is not None and not is_int(self.seed):
-            raise bad("seed", "must be an integer or None")
+        if self.seed is not None and (not is_int(self.seed) or not -(2**63) <= self.seed < 2**64):
+            raise bad("seed", "must be an integer in [-2**63, 2**64) or None")
         if self.max_tokens is not None and (not is_int(self.max_tokens) or self.max_tokens < 1):
             raise bad("max_tokens", "must be an integer >= 1 or None")
         if not is_int(self.min_tokens) or self.min_tokens < 0:

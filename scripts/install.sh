@@ -23,3 +23,5 @@ if [ -n "$extras" ]; then
 else
   "${PIP[@]}" -c .venv/torch-constraint.txt -e .
 fi
+# Compile frugal's CPU kernels now (cached by torch); without a compiler frugal falls back to PyTorch.
+.venv/bin/python -m frugal.quant.kernels || echo "frugal CPU kernels not built; the PyTorch fallback will be used"

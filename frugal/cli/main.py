@@ -38,10 +38,19 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-num-seqs", type=int, default=64)
     group.add_argument("--max-num-batched-tokens", type=int, default=2048)
     group.add_argument("--no-prefix-caching", action="store_true")
-    group.add_argument("--attention-backend", default="auto", choices=["auto", "sdpa", "reference"])
+    group.add_argument("--attention-backend", default="auto", choices=["auto", "sdpa", "reference", "cpu"])
+    group.add_argument("--quantization", default=None, choices=["none", "int4", "int8"],
+                       help="weight-only quantization applied while loading (default: none, or the checkpoint's own)")
+    group.add_argument("--speculative", default=None, metavar="SPEC",
+                       help="lossless speculative decoding: 'ngram:n=3,k=5' (prompt lookup) or 'draft:DIR,k=5' "
+                            "(a draft model sharing the vocabulary); option adaptive=off keeps k fixed")
+    from frugal.cli.policy_args import add_scheduling_args
+
+    add_scheduling_args(parser)
 
 
 def build_llm(args: argparse.Namespace):
+    from frugal.cli.policy_args import scheduling_kwargs
     from frugal.engine.llm import LLM
 
     return LLM(
@@ -55,6 +64,9 @@ def build_llm(args: argparse.Namespace):
         max_num_batched_tokens=args.max_num_batched_tokens,
         enable_prefix_caching=not args.no_prefix_caching,
         attention_backend=args.attention_backend,
+        quantization=getattr(args, "quantization", None),
+        speculative=getattr(args, "speculative", None),
+        **scheduling_kwargs(args),
     )
 
 
@@ -166,6 +178,20 @@ def make_parser() -> argparse.ArgumentParser:
     from frugal.cli.bench import add_bench_parser
 
     add_bench_parser(sub)
+
+    from frugal.cli.eval import add_eval_parser
+    from frugal.cli.quantize import add_quantize_parser
+
+    add_quantize_parser(sub)
+    add_eval_parser(sub)
+
+    from frugal.cli.serve import add_serve_parser
+
+    add_serve_parser(sub)
+
+    from frugal.cli.train import add_train_parser
+
+    add_train_parser(sub)
     return parser
 
 

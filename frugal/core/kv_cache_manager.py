@@ -169,6 +169,36 @@ class KVCacheManager:
             self._cache_full_blocks(request, table, min(num_total_tokens, request.num_tokens))
         return [block.block_id for block in table]
 
+    def allocate_swapped_in(self, request: Request, num_blocks: int) -> tuple[list[int], int] | None:
+        """Give a swapped-out request (holding no block) a table of `num_blocks` again. Its leading
+        blocks still found in the prefix cache are taken as hits (their KV is already here); the
+        rest are new blocks the caller fills from the slow tier. Returns (block ids, number of hit
+        blocks), or None, with nothing changed, when the free pool cannot supply the new blocks.
+
+        The new blocks are offered to the prefix cache only at the request's next `allocate_slots`
+        (a later step, once their copy has landed), never while their contents are in flight."""
+        request_id = request.request_id
+        assert not self._request_blocks.get(request_id), f"{request_id} already holds blocks"
+        assert 0 < num_blocks and (num_blocks - 1) * self.block_size < max(request.num_computed_tokens, 1), \
+            (request_id, num_blocks, request.num_computed_tokens)
+        hits: list[KVCacheBlock] = []
+        if self.enable_prefix_caching:
+            num_full_computed = min(num_blocks, request.num_computed_tokens // self.block_size)
+            for block_hash in self.block_hashes(request)[:num_full_computed]:
+                block = self.block_pool.get_cached_block(block_hash)
+                if block is None:
+                    break
+                hits.append(block)
+        num_new_blocks = num_blocks - len(hits)
+        num_revived_blocks = sum(1 for block in hits if block.ref_cnt == 0)
+        if num_new_blocks > self.block_pool.num_free_blocks - num_revived_blocks:
+            return None
+        self.block_pool.touch(hits)
+        table = hits + self.block_pool.get_new_blocks(num_new_blocks)
+        self._request_blocks[request_id] = table
+        self._num_cached_blocks[request_id] = len(hits)
+        return [block.block_id for block in table], len(hits)
+
     def _cache_full_blocks(self, request: Request, table: list[KVCacheBlock], num_known_tokens: int) -> None:
         """Offer to the cache every block that is full of known tokens and not offered yet."""
         num_full_blocks = num_known_tokens // self.block_size

@@ -1,20 +1,30 @@
-"""Scheduler: iteration-level continuous batching over a paged KV cache (Orca + vLLM v1).
+"""Scheduler: iteration-level continuous batching over a paged KV cache (Orca + vLLM v1), with
+policy-ranked preemption and KV swapping (FastServe).
 
 There is no prefill phase and no decode phase. Each request has `num_computed_tokens` and a target
-`num_tokens_with_spec` (prompt + output + speculative tokens); each step grants every request some
-new tokens under a token budget so the first catches up with the second. Chunked prefill, prefix
+`num_tokens_with_spec` (prompt + output + speculative tokens); each step grants some requests new
+tokens under a token budget so the first catches up with the second. Chunked prefill, prefix
 caching, preemption and speculation are the same mechanism.
 
-One step: running requests (in policy order) get tokens first; when blocks run out the policy's
-victim is preempted by recompute (KV freed, back to `waiting`). If nobody was preempted, waiting
-requests are admitted in policy order while budget, seats and blocks last (admission never preempts).
+One step: the policy ranks every unfinished request (`running`: KV resident; `swapped`: KV in the
+slow tier; `waiting`: no KV). Walking that ranking, at most `max_num_seqs` requests get tokens:
+resident ones are granted tokens, waiting ones admitted, swapped ones near the top swapped back in
+(at once when a seat is free, else as a prefetch whose copy overlaps this step's compute). Resident requests passed over
+stay resident but paused. When blocks run out, the lowest-ranked resident request not yet served
+(`policy.select_victim`) is evicted: swapped out when the slow tier has room and moving its KV is
+cheaper than recomputing it (`core/swap.py`), else preempted by recompute. No request is admitted or
+swapped in below one evicted in the same step. After the walk, with a slow tier, residents ranked
+beyond the next `swap_lookahead` seats are swapped out proactively while fewer blocks are free than
+the next step's likely needs. With FCFS ranking (running, swapped, waiting) and no slow tier this is
+exactly vLLM v1's FCFS scheduler: running requests first, admission never preempts.
 `schedule()` advances `num_computed_tokens` optimistically; `update()` appends the sampled tokens,
 rolls back rejected speculative positions and applies the stop checks.
 
 Always true:
-- every request is in exactly one of `waiting`, `running`, or finished (and then owns no block);
-- at most `max_num_seqs` running; at most `max_num_batched_tokens` tokens per step;
-- the earliest FCFS arrival always makes progress, and a running request's context never exceeds
+- every request is in exactly one of `waiting`, `running`, `swapped`, or finished (and then owns no
+  block in either tier); waiting ones own no block and have no computed token;
+- at most `max_num_seqs` requests and `max_num_batched_tokens` tokens are scheduled per step;
+- the best-ranked request always makes progress, and a running request's context never exceeds
   the pool (`num_tokens` is capped at the pool's capacity), so lack of KV memory never deadlocks;
 - finished/aborted request ids reach the runner in the next `SchedulerOutput.finished_request_ids`.
 """
@@ -23,12 +33,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from frugal.config import SchedulerConfig
+from frugal.core.batch_walk import BatchWalk
 from frugal.core.kv_cache_manager import KVCacheManager
 from frugal.core.policy import SchedulingPolicy, make_policy
 from frugal.core.scheduler_output import RunnerOutput, ScheduledRequest, SchedulerOutput
+from frugal.core.swap import SwapCostModel, SwapManager
 from frugal.errors import InvalidRequestError
 from frugal.request import Request, RequestStatus
 
@@ -37,15 +49,24 @@ logger = logging.getLogger(__name__)
 
 class Scheduler:
     def __init__(self, scheduler_config: SchedulerConfig, block_size: int, num_blocks: int,
-                 enable_prefix_caching: bool, policy: SchedulingPolicy | None = None):
+                 enable_prefix_caching: bool, policy: SchedulingPolicy | None = None, *,
+                 num_swap_blocks: int = 0, swap_cost_model: SwapCostModel | None = None,
+                 swap_lookahead: int | None = None, clock: Callable[[], float] = time.monotonic):
         self.config = scheduler_config
         self.block_size = block_size
         self.policy = policy if policy is not None else make_policy(scheduler_config.policy)
         self.kv_cache_manager = KVCacheManager(num_blocks, block_size, enable_prefix_caching)
+        self.swap = SwapManager(num_swap_blocks, self.kv_cache_manager, swap_cost_model)
+        # Ranks past the batch whose swapped requests are prefetched and whose residents are kept.
+        self.swap_lookahead = scheduler_config.max_num_seqs if swap_lookahead is None else swap_lookahead
+        assert self.swap_lookahead >= 0, self.swap_lookahead
+        self.clock = clock
         self.requests: dict[str, Request] = {}      # unfinished requests by id
         self.waiting: list[Request] = []
-        self.running: list[Request] = []
-        self.num_preemptions = 0
+        self.running: list[Request] = []            # KV resident: scheduled this step or paused
+        self.swapped: list[Request] = []            # KV in the slow tier
+        self.num_preemptions = 0                    # by recompute or by swap
+        self.last_output: SchedulerOutput | None = None  # the latest schedule() (for step profiling)
         self._finished_request_ids: list[str] = []  # since the previous schedule()
 
     # ---- bookkeeping -------------------------------------------------------------------------
@@ -66,8 +87,12 @@ class Scheduler:
     def num_used_blocks(self) -> int:
         return self.kv_cache_manager.num_used_blocks
 
+    @property
+    def num_swapped(self) -> int:
+        return len(self.swapped)
+
     def has_unfinished_requests(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.swapped)
 
     def get_request(self, request_id: str) -> Request | None:
         """The unfinished request with this id, or None."""
@@ -114,18 +139,22 @@ class Scheduler:
                 continue
             if request.status is RequestStatus.RUNNING:
                 self.running.remove(request)
+            elif request.status is RequestStatus.SWAPPED:
+                self.swapped.remove(request)
             else:
                 self.waiting.remove(request)
             self._finish(request, status)
 
     def _finish(self, request: Request, status: RequestStatus) -> None:
-        """Mark finished, free its blocks, forget it, and report it in the next output."""
+        """Mark finished, free its blocks in both tiers, forget it, and report it in the next output."""
         request.status = status
-        request.finished_time = time.monotonic()
+        request.finished_time = self.clock()
         request.spec_token_ids.clear()
         self.kv_cache_manager.free(request)
+        self.swap.free(request)
         del self.requests[request.request_id]
         self._finished_request_ids.append(request.request_id)
+        self.policy.on_finished(request)
 
     def _preempt(self, request: Request) -> None:
         """Preempt by recompute: free the KV, forget the progress, back to `waiting`."""
@@ -139,6 +168,26 @@ class Scheduler:
         self.policy.add_preempted(self.waiting, request)
         logger.debug("preempted %s (%d tokens, %d free blocks)", request.request_id, request.num_tokens,
                      self.kv_cache_manager.num_free_blocks)
+
+    def _swap_out(self, request: Request, output: SchedulerOutput) -> None:
+        """Preempt by swapping: the KV moves to the slow tier, the progress is kept."""
+        self.running.remove(request)
+        request.spec_token_ids.clear()  # drafts may not be computed past num_computed_tokens
+        output.swap_out_blocks.extend(self.swap.swap_out(request))
+        output.swapped_out_request_ids.append(request.request_id)
+        request.status = RequestStatus.SWAPPED
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.swapped.append(request)
+        logger.debug("swapped out %s (%d computed tokens)", request.request_id, request.num_computed_tokens)
+
+    def _evict(self, request: Request, output: SchedulerOutput) -> None:
+        """Free a resident request's fast blocks the cheaper way: swap out or recompute later."""
+        if self.swap.prefer_swap(request):
+            self._swap_out(request, output)
+        else:
+            self._preempt(request)
+            output.preempted_request_ids.append(request.request_id)
 
     # ---- schedule ----------------------------------------------------------------------------
 
@@ -161,79 +210,35 @@ class Scheduler:
                                 needs_sample=end_pos >= request.num_tokens)
 
     def schedule(self) -> SchedulerOutput:
-        token_budget = self.config.max_num_batched_tokens
-        scheduled: list[ScheduledRequest] = []
-        scheduled_ids: set[str] = set()
-        preempted_ids: list[str] = []
-        kv = self.kv_cache_manager
-
-        # 1. Running requests, in policy order; preempt (recompute) when blocks run out.
+        now = self.clock()
+        self.swap.begin_step()
+        finished_ids, self._finished_request_ids = self._finished_request_ids, []
+        output = SchedulerOutput(scheduled=[], num_scheduled_tokens=0, finished_request_ids=finished_ids,
+                                 scheduled_at=now)
         self.policy.order_running(self.running)
-        for request in list(self.running):
-            if token_budget <= 0:
-                break
-            if request.status is not RequestStatus.RUNNING:
-                continue  # preempted earlier in this step
-            num_new_tokens = self._num_new_tokens(request, token_budget)
-            if num_new_tokens == 0:
-                continue
-            block_ids = kv.allocate_slots(request, num_new_tokens)
-            while block_ids is None:
-                candidates = [r for r in self.running if r.request_id not in scheduled_ids]
-                victim = self.policy.select_victim(candidates)
-                self._preempt(victim)
-                preempted_ids.append(victim.request_id)
-                if victim is request:
-                    break
-                block_ids = kv.allocate_slots(request, num_new_tokens)
-            if block_ids is None:
-                continue  # the request itself gave way
-            scheduled.append(self._make_scheduled(request, num_new_tokens, block_ids))
-            scheduled_ids.add(request.request_id)
-            token_budget -= num_new_tokens
+        self.policy.order_waiting(self.waiting)
+        ranking = self.policy.rank(self.running, self.swapped, self.waiting, now)
+        assert len(ranking) == len(self.requests), (len(ranking), len(self.requests))
+        walk = BatchWalk(self, ranking, output)
+        walk.run()
+        if self.swap.enabled:
+            walk.swap_out_proactively()
 
-        # 2. Admit waiting requests while budget, seats and blocks last; never preempt to admit.
-        if not preempted_ids:
-            self.policy.order_waiting(self.waiting)
-            while self.waiting and token_budget > 0 and len(self.running) < self.config.max_num_seqs:
-                request = self.waiting[0]
-                computed_blocks, num_cached_tokens = kv.get_computed_blocks(request)
-                num_new_tokens = request.num_tokens - num_cached_tokens
-                if not self.config.enable_chunked_prefill and num_new_tokens > token_budget:
-                    break
-                num_new_tokens = min(num_new_tokens, token_budget)
-                block_ids = kv.allocate_slots(request, num_new_tokens, computed_blocks)
-                if block_ids is None:
-                    break
-                self.waiting.pop(0)
-                request.num_computed_tokens = num_cached_tokens
-                if request.num_cached_tokens < 0:
-                    request.num_cached_tokens = num_cached_tokens
-                if request.first_scheduled_time is None:
-                    request.first_scheduled_time = time.monotonic()
-                request.status = RequestStatus.RUNNING
-                self.running.append(request)
-                scheduled.append(self._make_scheduled(request, num_new_tokens, block_ids))
-                scheduled_ids.add(request.request_id)
-                token_budget -= num_new_tokens
-
-        # 3. Advance optimistically (vLLM v1): update() rolls back rejected speculative positions.
-        for scheduled_request in scheduled:
+        # Advance optimistically (vLLM v1): update() rolls back rejected speculative positions.
+        for scheduled_request in output.scheduled:
             scheduled_request.request.num_computed_tokens += scheduled_request.num_new_tokens
             self.policy.on_scheduled(scheduled_request.request, scheduled_request.num_new_tokens)
-
-        finished_ids, self._finished_request_ids = self._finished_request_ids, []
-        return SchedulerOutput(
-            scheduled=scheduled,
-            num_scheduled_tokens=self.config.max_num_batched_tokens - token_budget,
-            preempted_request_ids=preempted_ids,
-            finished_request_ids=finished_ids,
-        )
+        output.num_scheduled_tokens = self.config.max_num_batched_tokens - walk.token_budget
+        self.last_output = output
+        return output
 
     # ---- update ------------------------------------------------------------------------------
 
     def update(self, scheduler_output: SchedulerOutput, runner_output: RunnerOutput) -> list[Request]:
         """Apply one step's sampled tokens. Returns the requests that received tokens or finished."""
+        now = self.clock()
+        self.policy.on_step_done([s.request for s in scheduler_output.scheduled],
+                                 max(0.0, now - scheduler_output.scheduled_at), now)
         updated: list[Request] = []
         for scheduled_request in scheduler_output.scheduled:
             request = scheduled_request.request
@@ -257,7 +262,7 @@ class Scheduler:
             for token_id in sampled_token_ids:
                 request.append_output_token_ids([token_id])
                 if request.first_token_time is None:
-                    request.first_token_time = time.monotonic()
+                    request.first_token_time = now
                 status = self._check_stop(request, token_id)
                 if status is not None:
                     self.running.remove(request)
@@ -279,3 +284,4 @@ class Scheduler:
                 or request.num_tokens >= self.max_context_len(request)):
             return RequestStatus.FINISHED_LENGTH
         return None
+

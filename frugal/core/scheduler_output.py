@@ -40,6 +40,19 @@ class SchedulerOutput:
     preempted_request_ids: list[str] = field(default_factory=list)
     # Requests that finished (or were aborted) since the previous step: the runner drops their state.
     finished_request_ids: list[str] = field(default_factory=list)
+    # KV swapping (core/swap.py), in this order before the step's forward pass: land the previous
+    # step's `prefetch_blocks`; copy `swap_out_blocks` (fast id, slow id) (their fast blocks may be
+    # reused in this step); copy `swap_in_blocks` (slow id, fast id) (their requests may run in this
+    # step). `prefetch_blocks` (slow id, fast id) belong to requests not scheduled in this step: that
+    # copy may overlap this step's compute and must land before the next step's forward pass.
+    swap_out_blocks: list[tuple[int, int]] = field(default_factory=list)
+    swap_in_blocks: list[tuple[int, int]] = field(default_factory=list)
+    prefetch_blocks: list[tuple[int, int]] = field(default_factory=list)
+    swapped_out_request_ids: list[str] = field(default_factory=list)
+    swapped_in_request_ids: list[str] = field(default_factory=list)   # swap_in_blocks' requests
+    prefetched_request_ids: list[str] = field(default_factory=list)   # prefetch_blocks' requests
+    # The scheduler's clock when this step was scheduled (the policy is charged from here to update()).
+    scheduled_at: float = 0.0
 
     @property
     def is_empty(self) -> bool:

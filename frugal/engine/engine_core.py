@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
 
 from frugal.config import EngineConfig
-from frugal.core.policy import make_policy
-from frugal.core.scheduler import Scheduler
 from frugal.engine.detokenizer import IncrementalDetokenizer
+from frugal.engine.scheduling import build_scheduler, make_swapper
 from frugal.errors import ConfigError, InvalidRequestError
 from frugal.model.generation_config import load_generation_defaults
 from frugal.model.arch_config import load_arch_config
@@ -29,6 +29,7 @@ from frugal.outputs import CompletionDelta, Logprob, RequestMetrics, TokenLogpro
 from frugal.request import Request, RequestStatus
 from frugal.runner.kv_cache import allocate_kv_caches, kv_cache_bytes_per_block
 from frugal.runner.model_runner import ModelRunner
+from frugal.spec.build import build_spec_decoder
 from frugal.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -55,6 +56,21 @@ class EngineStats:
     extra: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class EngineSnapshot:
+    """The engine's load at one instant (read by the server's /metrics from another thread; frozen,
+    so a reader never sees a half-updated one)."""
+
+    num_waiting: int          # requests (sequences) queued for a seat, preempted ones included
+    num_running: int          # sequences holding a seat
+    num_used_blocks: int      # KV blocks referenced by a running or waiting request
+    num_free_blocks: int      # KV blocks free to allocate (prefix-cached ones included)
+    num_blocks: int
+    num_preemptions: int      # since start
+    num_steps: int
+    num_unfinished_sequences: int
+
+
 def _resolve_device(name: str) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -63,7 +79,8 @@ def _resolve_device(name: str) -> torch.device:
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, clock: Callable[[], float] = time.monotonic):
+        """`clock` times requests and scheduling (a trace replay passes one that skips idle gaps)."""
         self.config = config
         model_config = config.model
         self.device = _resolve_device(model_config.device)
@@ -93,12 +110,22 @@ class EngineCore:
             self.max_model_len = capacity
         self.num_blocks = num_blocks
         self.model = load_model(self.model_dir, self.arch, self.dtype, self.device, model_config.attention_backend,
-                                max_position=self.max_model_len)
+                                max_position=self.max_model_len, quantization=config.quant)
         scheduler_config = replace(config.scheduler, max_model_len=self.max_model_len)
         self.kv_caches = allocate_kv_caches(self.arch, num_blocks, block_size, self.dtype, self.device)
-        self.scheduler = Scheduler(scheduler_config, block_size, num_blocks, config.cache.enable_prefix_caching,
-                                   make_policy(scheduler_config.policy))
-        self.runner = ModelRunner(self.model, self.kv_caches, block_size, self.device)
+        self.swapper = make_swapper(config.cache, self.kv_caches, bytes_per_block)
+        # Speculative decoding (frugal.spec) plugs in here: a proposer hook after each step and the
+        # runner's verifier; without it every step decodes one token per request.
+        self.spec = build_spec_decoder(config.speculative, target_arch=self.arch, dtype=self.dtype,
+                                       device=self.device, block_size=block_size, num_blocks=num_blocks,
+                                       max_num_seqs=config.scheduler.max_num_seqs, max_model_len=self.max_model_len,
+                                       attention_backend=model_config.attention_backend)
+        self.runner = ModelRunner(self.model, self.kv_caches, block_size, self.device, self.swapper,
+                                  verifier=self.spec.verify)
+        self.scheduler = build_scheduler(scheduler_config, config.cache, num_blocks, self.runner, self.swapper,
+                                         self.arch.vocab_size, self.max_model_len, clock=clock,
+                                         metadata={"model": str(self.model_dir), "device": str(self.device),
+                                                   "dtype": str(self.dtype)})
         self._sequences: dict[str, _Sequence] = {}
         self._children: dict[str, list[str]] = {}
         self.stats = EngineStats()
@@ -136,14 +163,17 @@ class EngineCore:
         return token_ids
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                    arrival_time: float | None = None) -> list[int]:
+                    arrival_time: float | None = None, oracle_output_len: int | None = None) -> list[int]:
         """Validate and queue a request; returns its prompt token ids. Raises InvalidRequestError."""
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError(f"sampling params must be SamplingParams, got {type(params).__name__}")
         if request_id in self._children:
             raise InvalidRequestError(f"request id {request_id!r} is already running")
+        if oracle_output_len is not None and (isinstance(oracle_output_len, bool)
+                                              or not isinstance(oracle_output_len, int) or oracle_output_len < 0):
+            raise InvalidRequestError(f"oracle_output_len must be a non-negative integer, got {oracle_output_len!r}")
         prompt_token_ids = self.tokenize_prompt(prompt)
-        arrival_time = time.monotonic() if arrival_time is None else arrival_time
+        arrival_time = self.scheduler.clock() if arrival_time is None else arrival_time
         child_ids = []
         for index in range(params.n):
             child_id = request_id if params.n == 1 else f"{request_id}#{index}"
@@ -156,6 +186,7 @@ class EngineCore:
                 sampling_params=child_params,
                 eos_token_ids=self.eos_token_ids,
                 max_model_len=self.max_model_len,
+                oracle_output_len=oracle_output_len,  # benchmark-only oracle (sjf-oracle policy)
                 arrival_time=arrival_time,
                 prompt=prompt if isinstance(prompt, str) else None,
             )
@@ -180,6 +211,20 @@ class EngineCore:
     def has_unfinished_requests(self) -> bool:
         return bool(self._sequences)
 
+    def snapshot(self) -> EngineSnapshot:
+        """Queue depth, seats, KV blocks and preemptions now (call from the thread that steps)."""
+        scheduler = self.scheduler
+        return EngineSnapshot(
+            num_waiting=scheduler.num_waiting,
+            num_running=scheduler.num_running,
+            num_used_blocks=scheduler.num_used_blocks,
+            num_free_blocks=scheduler.num_free_blocks,
+            num_blocks=self.num_blocks,
+            num_preemptions=scheduler.num_preemptions,
+            num_steps=self.stats.num_steps,
+            num_unfinished_sequences=len(self._sequences),
+        )
+
     def num_sequences(self, request_id: str) -> int:
         return len(self._children.get(request_id, ()))
 
@@ -189,6 +234,7 @@ class EngineCore:
         scheduler_output = self.scheduler.schedule()
         runner_output = self.runner.execute(scheduler_output)
         updated = self.scheduler.update(scheduler_output, runner_output)
+        self.spec.after_step(scheduler_output, self.scheduler.running)
         self.stats.num_steps += 1
         deltas = []
         for request in updated:
@@ -229,7 +275,7 @@ class EngineCore:
             logprobs=logprobs,
             finish_reason=finish_reason,
             stop_reason=request.stop_reason,
-            metrics=self.metrics_of(request),
+            metrics=replace(self.metrics_of(request), spec=self.spec.stats_of(request.request_id)),
         )
 
     def _convert_logprobs(self, token_ids: list[int], raw) -> list[TokenLogprobs]:

@@ -16,10 +16,11 @@ from collections.abc import Iterator, Sequence
 
 from tqdm.auto import tqdm
 
-from frugal.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, parse_memory
+from frugal.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, SpecConfig, parse_memory
 from frugal.engine.engine_core import EngineCore
 from frugal.errors import InvalidRequestError
 from frugal.outputs import CompletionDelta, CompletionOutput, RequestOutput
+from frugal.quant.config import QuantConfig
 from frugal.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -41,17 +42,32 @@ class LLM:
         max_num_batched_tokens: int = 2048,
         enable_chunked_prefill: bool = True,
         scheduling_policy: str = "fcfs",
+        policy_options: dict | None = None,
+        swap_space: str | int = 0,
+        swap_path: str | None = None,
         attention_backend: str = "auto",
         seed: int = 0,
         revision: str | None = None,
+        quantization: str | QuantConfig | None = None,
+        speculative: str | SpecConfig | None = None,
     ):
+        """`quantization`: None, 'int4' (group 32, symmetric, INT8 embedding and LM head), 'int8' or a
+        `QuantConfig` — a 16-bit checkpoint is quantized while it loads; a `frugal quantize` checkpoint
+        loads with its own settings whatever this says (a conflicting request is a ConfigError).
+        `speculative`: None, 'ngram:n=3,k=5' (prompt lookup), 'draft:DIR,k=5' (a draft model) or a
+        `SpecConfig` - lossless speculative decoding (frugal.spec); per-request stats arrive in
+        `RequestOutput.metrics.spec`."""
         config = EngineConfig(
+            quant=QuantConfig.create(quantization),
+            speculative=SpecConfig.parse(speculative),
             model=ModelConfig(model=str(model), dtype=dtype, device=device, revision=revision,
                               max_model_len=max_model_len, seed=seed, attention_backend=attention_backend),
             cache=CacheConfig(block_size=block_size, kv_cache_memory_bytes=parse_memory(kv_cache_memory),
-                              enable_prefix_caching=enable_prefix_caching),
+                              enable_prefix_caching=enable_prefix_caching,
+                              swap_space_bytes=parse_memory(swap_space) if swap_space else 0, swap_path=swap_path),
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                       enable_chunked_prefill=enable_chunked_prefill, policy=scheduling_policy,
+                                      policy_options=dict(policy_options or {}),
                                       max_model_len=max_model_len or SchedulerConfig.max_model_len),
         )
         self.engine = EngineCore(config)

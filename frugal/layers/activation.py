@@ -7,9 +7,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from frugal.layers.fused import fused_op
+
 
 class SiluAndMul(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def __init__(self) -> None:
+        super().__init__()
+        fused = fused_op("silu_and_mul")  # one op (frugal's CPU kernels) or three (eager)
+        self.forward = fused if fused is not None else self._forward_native
+
+    @staticmethod
+    def _forward_native(x: torch.Tensor) -> torch.Tensor:
         d = x.shape[-1] // 2
         return F.silu(x[..., :d]) * x[..., d:]
 

@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from frugal.layers.fused import fused_op
+
 
 def compute_inv_freq(
     head_dim: int, rope_theta: float, rope_scaling: dict[str, Any] | None,
@@ -87,8 +89,19 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)  # [max_position, head_dim]
         self.register_buffer("cos_cache", emb.cos(), persistent=False)
         self.register_buffer("sin_cache", emb.sin(), persistent=False)
+        self._rotary = fused_op("rotary_embedding")  # one op (frugal's CPU kernels)
+        self._forward_method = self._forward_fused if self._rotary is not None else self._forward_native
 
     def forward(
+        self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> rotated (query, key), new tensors of the same shapes."""
+        return self._forward_method(positions, query, key)
+
+    def _forward_fused(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor):
+        return self._rotary(positions, query, key, self.cos_cache, self.sin_cache)
+
+    def _forward_native(
         self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # The product is taken in the activation dtype, as transformers does.

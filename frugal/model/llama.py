@@ -20,7 +20,7 @@ from frugal.layers.activation import get_act_and_mul
 from frugal.layers.attention import Attention
 from frugal.layers.attention_backends import AttentionBackend
 from frugal.layers.attention_metadata import AttentionMetadata
-from frugal.layers.embedding import LMHead, VocabEmbedding
+from frugal.layers.embedding import EmbeddingMethod, LMHead, VocabEmbedding
 from frugal.layers.linear import Linear, LinearMethod, MergedColumnLinear, QKVLinear, copy_checked
 from frugal.layers.norm import RMSNorm
 from frugal.layers.rotary import RotaryEmbedding
@@ -102,9 +102,9 @@ class LlamaDecoderLayer(nn.Module):
 
 class LlamaModel(nn.Module):
     def __init__(self, arch: ArchConfig, backend: AttentionBackend, max_position: int,
-                 linear_method: LinearMethod | None = None) -> None:
+                 linear_method: LinearMethod | None = None, embedding_method: EmbeddingMethod | None = None) -> None:
         super().__init__()
-        self.embed_tokens = VocabEmbedding(arch.vocab_size, arch.hidden_size)
+        self.embed_tokens = VocabEmbedding(arch.vocab_size, arch.hidden_size, embedding_method=embedding_method)
         # One cos/sin cache [max_position, head_dim] for all layers.
         self.rotary_emb = RotaryEmbedding(arch.head_dim, max_position, arch.rope_theta, arch.rope_scaling,
                                           arch.max_position_embeddings)
@@ -124,15 +124,17 @@ class LlamaModel(nn.Module):
 
 class LlamaForCausalLM(nn.Module):
     """`max_position`: the longest sequence served (size of the rotary cache); defaults to
-    `arch.max_position_embeddings`. `linear_method`: the QuantMethod for every projection."""
+    `arch.max_position_embeddings`. `linear_method`: the QuantMethod for every projection;
+    `lm_head_method` / `embedding_method`: how the LM head and the embedding table are stored."""
 
     def __init__(self, arch: ArchConfig, attention_backend: AttentionBackend, max_position: int | None = None,
-                 linear_method: LinearMethod | None = None) -> None:
+                 linear_method: LinearMethod | None = None, lm_head_method: LinearMethod | None = None,
+                 embedding_method: EmbeddingMethod | None = None) -> None:
         super().__init__()
         self.arch = arch
         self.max_position = max_position or arch.max_position_embeddings
-        self.model = LlamaModel(arch, attention_backend, self.max_position, linear_method)
-        self.lm_head = LMHead(arch.vocab_size, arch.hidden_size)
+        self.model = LlamaModel(arch, attention_backend, self.max_position, linear_method, embedding_method)
+        self.lm_head = LMHead(arch.vocab_size, arch.hidden_size, linear_method=lm_head_method)
         if arch.tie_word_embeddings:
             self.lm_head.tie_to(self.model.embed_tokens)
 

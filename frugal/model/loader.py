@@ -27,6 +27,7 @@ from frugal.layers.attention_backends import get_attention_backend
 from frugal.layers.linear import LinearMethod
 from frugal.model.arch_config import ArchConfig
 from frugal.model.registry import get_model_class
+from frugal.quant.config import QuantConfig
 
 logger = logging.getLogger(__name__)
 
@@ -103,14 +104,15 @@ def safetensors_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def iterate_weights(files: list[Path], progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+def iterate_weights(files: list[Path], progress: bool = True,
+                    desc: str = "loading weights") -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (name, tensor) from memory-mapped safetensors files, one tensor at a time."""
     handles = []
     try:
         for path in files:
             handles.append((path, _open(path)))
         total = sum(len(handle.keys()) for _, handle in handles)
-        with tqdm(total=total, desc="loading weights", unit="tensor", disable=not progress or None) as bar:
+        with tqdm(total=total, desc=desc, unit="tensor", disable=not progress or None) as bar:
             for path, handle in handles:
                 for name in handle.keys():
                     try:
@@ -140,7 +142,9 @@ def materialize(model: nn.Module, dtype: torch.dtype, device: torch.device) -> N
             if param is None:
                 continue
             if id(param) not in new_params:
-                target_dtype = dtype if param.is_floating_point() else param.dtype
+                # Quantized formats fix their tensors' dtypes (`keep_dtype`); the rest take the model's.
+                keep = not param.is_floating_point() or getattr(param, "keep_dtype", False)
+                target_dtype = param.dtype if keep else dtype
                 new = nn.Parameter(torch.empty(param.shape, dtype=target_dtype, device=device), requires_grad=False)
                 new.__dict__.update(param.__dict__)
                 new_params[id(param)] = new
@@ -153,21 +157,39 @@ def materialize(model: nn.Module, dtype: torch.dtype, device: torch.device) -> N
 
 def load_model(model_dir: Path | str, arch: ArchConfig, dtype: torch.dtype, device: torch.device | str,
                attention_backend: str = "auto", max_position: int | None = None,
-               linear_method: LinearMethod | None = None, progress: bool = True) -> nn.Module:
+               linear_method: LinearMethod | None = None, progress: bool = True,
+               quantization: QuantConfig | None = None, kernel_backend: str | None = None) -> nn.Module:
     """Build the model for `arch` and load its weights from `model_dir`; returns it in eval mode.
 
     `max_position`: the longest sequence the engine will serve (rotary cache size; defaults to the
-    checkpoint's max_position_embeddings). `linear_method`: QuantMethod for every projection.
+    checkpoint's max_position_embeddings). `linear_method`: QuantMethod for every projection (overrides
+    the one `quantization` implies). `quantization`: quantize a 16-bit checkpoint while loading it; a
+    checkpoint written by `frugal quantize` is loaded as it is (its own settings). `kernel_backend`:
+    force 'cpu' / 'cuda' / 'reference' (dequantise-then-matmul, the oracle) kernels.
     """
+    from frugal.quant.base import build_quant_methods, quantize_stream, resolve_quantization
+
     model_dir, device = Path(model_dir), torch.device(device)
     files = safetensors_files(model_dir)  # fail fast, before building anything
     model_cls = get_model_class(arch.architecture)
+    quant, prequantized = resolve_quantization(quantization, model_dir)
+    # Loads frugal's CPU kernels when they apply, so the layers and 'auto' attention below can use them.
+    methods = build_quant_methods(quant, dtype, device, arch.tie_word_embeddings, kernel_backend)
     backend = get_attention_backend(attention_backend, device)
+    method_kwargs = {key: value for key, value in (("lm_head_method", methods.lm_head),
+                                                   ("embedding_method", methods.embedding)) if value is not None}
     with torch.device("meta"):
-        model = model_cls(arch, backend, max_position=max_position, linear_method=linear_method)
+        model = model_cls(arch, backend, max_position=max_position, linear_method=linear_method or methods.linear,
+                          **method_kwargs)
     materialize(model, dtype, device)
+    if quant is not None and not prequantized:
+        weights = quantize_stream(iterate_weights(files, progress, desc=f"quantizing to {quant.name}"), quant,
+                                  arch.tie_word_embeddings)
+    else:
+        weights = iterate_weights(files, progress)
+    model.quant_config = quant
     with torch.no_grad():
-        model.load_weights(iterate_weights(files, progress))
+        model.load_weights(weights)
     model.eval()
     logger.info("loaded %s from %s: %.1fM parameters, %s on %s, %s attention", arch.architecture, model_dir,
                 sum(p.numel() for p in model.parameters()) / 1e6, dtype, device, backend.name)

@@ -1,139 +1,40 @@
-"""Scheduler: exact traces driven by a fake runner that keeps a simulated paged KV cache.
-
-The fake runner writes each scheduled token into the slot its block table names and, before
-sampling, reads the whole context back from those slots: a wrong block table, a bad prefix-cache hit
-or a speculative position left stale shows up as a wrong token or a failed assertion.
-"""
+"""Scheduler (FCFS): exact traces driven by a fake runner that keeps a simulated paged KV cache
+(`tests/scheduling_fakes.py`): a wrong block table, a bad prefix-cache hit or a speculative position
+left stale shows up as a wrong token or a failed assertion."""
 
 from __future__ import annotations
 
 import random
 import subprocess
 import sys
-from collections.abc import Callable
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import scheduling_fakes as fakes
+from scheduling_fakes import FakeRunner, Model, assert_all_free, make_request, make_scheduler, reference_tokens
 from frugal.config import SchedulerConfig
 from frugal.core.policy import FCFSPolicy, make_policy
 from frugal.core.scheduler import Scheduler
-from frugal.core.scheduler_output import RunnerOutput, SchedulerOutput
+from frugal.core.scheduler_output import SchedulerOutput
 from frugal.errors import ConfigError, InvalidRequestError
 from frugal.request import Request, RequestStatus
-from frugal.sampling_params import SamplingParams
-
-Model = Callable[[list[int]], int]
 
 
-def toy_model(context: list[int]) -> int:
-    """Deterministic next token of a context (never 0..2, which tests use as EOS/stop ids)."""
-    return (sum(context[-3:]) * 31 + len(context)) % 97 + 3
-
-
-def reference_tokens(prompt: list[int], num_tokens: int, model: Model = toy_model) -> list[int]:
-    context = list(prompt)
-    for _ in range(num_tokens):
-        context.append(model(context))
-    return context[len(prompt):]
-
-
-class FakeRunner:
-    def __init__(self, scheduler: Scheduler, model: Model = toy_model):
-        kv = scheduler.kv_cache_manager
-        self.block_size = kv.block_size
-        self.slots: list[list[int | None]] = [[None] * kv.block_size for _ in range(kv.num_blocks)]
-        self.model = model
-
-    def _read(self, block_ids: list[int], pos: int) -> int | None:
-        return self.slots[block_ids[pos // self.block_size]][pos % self.block_size]
-
-    def execute(self, output: SchedulerOutput) -> RunnerOutput:
-        result = RunnerOutput()
-        for scheduled in output.scheduled:  # in order: a same-step cache hit comes from an earlier entry
-            request, block_ids = scheduled.request, scheduled.block_ids
-            assert len(scheduled.token_ids) == scheduled.num_new_tokens
-            for pos in range(scheduled.start_pos):
-                assert self._read(block_ids, pos) == request.all_token_ids[pos], (request.request_id, pos)
-            for offset, token_id in enumerate(scheduled.token_ids):
-                pos = scheduled.start_pos + offset
-                self.slots[block_ids[pos // self.block_size]][pos % self.block_size] = token_id
-            if not scheduled.needs_sample:
-                continue
-            spec = scheduled.spec_token_ids
-            num_known = scheduled.start_pos + scheduled.num_new_tokens - len(spec)
-            assert num_known == request.num_tokens
-            accepted = []
-            for j in range(len(spec) + 1):  # verify: accept matching drafts, then one model token
-                token_id = self.model([self._read(block_ids, pos) for pos in range(num_known + j)])
-                accepted.append(token_id)
-                if j == len(spec) or token_id != spec[j]:
-                    break
-            result.sampled_token_ids[request.request_id] = accepted
-        return result
-
-
-def make_scheduler(num_blocks: int = 64, block_size: int = 4, max_num_seqs: int = 8,
-                   max_num_batched_tokens: int = 64, max_model_len: int = 64, chunked: bool = True,
-                   caching: bool = True) -> Scheduler:
-    config = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                             max_model_len=max_model_len, enable_chunked_prefill=chunked)
-    return Scheduler(config, block_size, num_blocks, caching)
-
-
-_arrival = [0.0]
-
-
-def make_request(request_id: str, prompt: list[int] | range, max_model_len: int = 64, eos=(), **params) -> Request:
-    _arrival[0] += 1.0
-    params.setdefault("max_tokens", 4)
-    return Request(request_id, list(prompt), SamplingParams(**params), eos_token_ids=frozenset(eos),
-                   max_model_len=max_model_len, arrival_time=_arrival[0])
-
-
-def check_invariants(scheduler: Scheduler) -> None:
-    """Queues partition the unfinished requests; ref counts equal owners; sharing only of cached
-    prefix blocks at the same position; free queue holds exactly the ref_cnt 0 blocks."""
-    kv = scheduler.kv_cache_manager
-    assert len(scheduler.running) <= scheduler.config.max_num_seqs
-    ids = [r.request_id for r in scheduler.running + scheduler.waiting]
-    assert sorted(ids) == sorted(scheduler.requests) and len(set(ids)) == len(ids)
-    assert all(r.status is RequestStatus.RUNNING for r in scheduler.running)
-    owners: dict[int, list[tuple[str, int]]] = {}
-    for request in scheduler.waiting:
-        assert kv.get_block_ids(request.request_id) == [] and request.num_computed_tokens == 0
-    for request in scheduler.running:
-        for index, block in enumerate(kv.get_blocks(request.request_id)):
-            owners.setdefault(block.block_id, []).append((request.request_id, index))
-            if block.block_hash is not None:
-                assert block.block_hash == kv.block_hashes(request)[index]
-    for block in kv.block_pool.blocks:
-        holders = owners.get(block.block_id, [])
-        assert block.ref_cnt == len(holders), (block, holders)
-        if len(holders) > 1:
-            assert block.block_hash is not None and len({index for _, index in holders}) == 1, (block, holders)
-    free = {block.block_id for block in kv.block_pool.free_block_queue}
-    assert free == {block.block_id for block in kv.block_pool.blocks if block.ref_cnt == 0}
-
-
-def assert_all_free(scheduler: Scheduler) -> None:
-    kv = scheduler.kv_cache_manager
-    assert not scheduler.has_unfinished_requests()
-    assert kv.num_free_blocks == kv.num_blocks and scheduler.num_used_blocks == 0
-    assert all(block.ref_cnt == 0 for block in kv.block_pool.blocks)
+def check_invariants(scheduler: Scheduler, output=None) -> None:
+    fakes.check_invariants(scheduler, output)
+    if isinstance(scheduler.policy, FCFSPolicy):
+        assert len(scheduler.running) <= scheduler.config.max_num_seqs  # FCFS never pauses
 
 
 def step(scheduler: Scheduler, runner: FakeRunner) -> tuple[SchedulerOutput, list[Request]]:
-    output = scheduler.schedule()
-    check_invariants(scheduler)
-    assert output.num_scheduled_tokens == sum(s.num_new_tokens for s in output.scheduled)
-    assert output.num_scheduled_tokens <= scheduler.config.max_num_batched_tokens
-    return output, scheduler.update(output, runner.execute(output))
+    output, updated = fakes.step(scheduler, runner)
+    check_invariants(scheduler, output)
+    return output, updated
 
 
 def run_to_completion(scheduler: Scheduler, runner: FakeRunner, max_steps: int = 500) -> list[list[tuple]]:
-    """Steps until done; returns per step [(request_id, start_pos, num_new_tokens, needs_sample)]."""
     trace = []
     for _ in range(max_steps):
         if not scheduler.has_unfinished_requests():
@@ -409,8 +310,8 @@ def test_spec_tokens_trimmed_by_budget_and_context_limit():
 
 def test_policy_factory_and_fcfs_victim():
     assert isinstance(make_policy("fcfs"), FCFSPolicy)
-    with pytest.raises(ConfigError, match="'mlfq'.*fcfs") as info:
-        make_policy("mlfq")
+    with pytest.raises(ConfigError, match="'lifo'.*fcfs") as info:
+        make_policy("lifo")
     assert isinstance(info.value, ValueError)
     policy = FCFSPolicy()
     waiting: list[Request] = []

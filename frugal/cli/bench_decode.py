@@ -1,0 +1,97 @@
+"""`frugal bench decode|prefill MODEL [--quantization] [--json]` and `frugal bench peers MODEL`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import sys
+import tempfile
+from pathlib import Path
+
+from frugal.cli.quantize import add_quant_options, quant_config_from_args
+
+logger = logging.getLogger("frugal.cli")
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="checkpoint directory (16-bit, or written by `frugal quantize`)")
+    parser.add_argument("--prompt-len", type=int, default=512)
+    parser.add_argument("--gen-len", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default="benchmarks", help="directory for the JSON + PNG")
+    parser.add_argument("--name", default=None, help="file stem (default: <kind>_<model dir name>)")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+
+
+def add_decode_bench_parsers(bench_sub) -> None:
+    for kind, text in (("decode", "batch-1 decode tokens/s, peak RSS, roofline fraction"),
+                       ("prefill", "prompt tokens/s (one prompt, one step), peak RSS")):
+        parser = bench_sub.add_parser(kind, help=text)
+        _common(parser)
+        parser.add_argument("--dtype", default="bfloat16", choices=["auto", "float32", "bfloat16"])
+        add_quant_options(parser, with_bits=False)
+        parser.set_defaults(func=cmd_decode, bench_kind=kind)
+
+    peers = bench_sub.add_parser("peers", help="frugal vs llama.cpp (llama-cpp-python) vs HF transformers")
+    _common(peers)
+    peers.add_argument("--frugal", nargs="+", default=["bf16", "int8", "int4"],
+                       help="frugal configurations: bf16, int8, int4")
+    peers.add_argument("--llama-cpp", nargs="*", default=["BF16", "Q8_0", "Q4_0"],
+                       help="llama.cpp GGUF types (F16, BF16, F32 converted by frugal; Q8_0, Q4_0 by llama.cpp)")
+    peers.add_argument("--no-hf", action="store_true", help="skip HF transformers")
+    peers.add_argument("--no-repack", action="store_true",
+                       help="run llama.cpp only with use_extra_bufts=False (no '+repack' rows)")
+    peers.add_argument("--work-dir", default=None, help="where the GGUF files go (default: a temp dir, reused)")
+    peers.add_argument("--no-install", action="store_true", help="fail instead of pip-installing llama-cpp-python")
+    peers.set_defaults(func=cmd_peers)
+
+
+def _command() -> str:
+    return "frugal " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def cmd_decode(args: argparse.Namespace) -> int:
+    from frugal.bench.decode import run_bench, write_results
+
+    quant = quant_config_from_args(args)
+    results = run_bench(Path(args.model), quant, args.dtype, args.prompt_len, args.gen_len, args.repeats,
+                        args.threads, _command())
+    row = results["runs"][0]
+    name = args.name or f"{args.bench_kind}_{Path(args.model).name}_{row['quantization'] or row['dtype']}"
+    json_path, png_path = write_results(results, Path(args.out), name, Path(args.model).name)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        key = "decode_tokens_per_s" if args.bench_kind == "decode" else "prefill_tokens_per_s"
+        print(f"{args.bench_kind}: {row[key]:.2f} tokens/s ({row['quantization'] or row['dtype']}), peak RSS "
+              f"{row['peak_rss_bytes'] / 2**20:.0f} MiB, {100 * row['roofline_fraction']:.0f}% of the "
+              f"{results['bandwidth']['bandwidth_gb_s']:.1f} GB/s roofline")
+    logger.info("wrote %s and %s", json_path, png_path)
+    return 0
+
+
+def cmd_peers(args: argparse.Namespace) -> int:
+    from frugal.bench.decode import write_results
+    from frugal.bench.peers import run_peers
+
+    model_dir = Path(args.model)
+    work_dir = Path(args.work_dir) if args.work_dir else Path(tempfile.gettempdir()) / "frugal-peers"
+    results = run_peers(model_dir, work_dir, args.prompt_len, args.gen_len, args.repeats, args.threads, _command(),
+                        args.frugal, args.llama_cpp, not args.no_hf, install=not args.no_install,
+                        llama_repack=not args.no_repack)
+    name = args.name or f"peers_{model_dir.name}"
+    json_path, png_path = write_results(results, Path(args.out), name, f"{model_dir.name}: frugal vs peers")
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        for row in results["runs"]:
+            print(f"{row['label']:>22}: prefill {row['prefill_tokens_per_s']:8.1f} tok/s  decode "
+                  f"{row['decode_tokens_per_s']:7.2f} tok/s  peak RSS {row['peak_rss_bytes'] / 2**20:7.0f} MiB  "
+                  f"roofline {100 * row['roofline_fraction']:5.1f}%")
+        for name_, ratio in results["ratios"].items():
+            print(f"{name_}: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratio.items()))
+    logger.info("wrote %s and %s", json_path, png_path)
+    return 0

@@ -1,0 +1,233 @@
+"""INT4 group-wise weight-only quantization: rounding, the canonical packed layout, the reference
+(dequantise) path and the `Int4LinearMethod` that multiplies with it.
+
+Canonical layout (what checkpoints store; `K` = input features, `Kp` = K rounded up to 64):
+- `qweight [N, Kp/2] uint8`: byte j of a row holds q[2j] in its low nibble and q[2j+1] in its high one;
+  q in 0..15. Columns K..Kp-1 are padding that dequantises to exactly 0.
+- `scales [N, ceil(Kp/G)] float16`: one per group of G input features (the last group may be short).
+- `qzeros [N, ceil(Kp/G)] uint8`: the zero point z in 0..15 (asymmetric only; symmetric means z = 8).
+A weight is `w = s * (q - z)`, computed exactly in float32 by `dequantize_int4`.
+
+Rounding: symmetric is llama.cpp's Q4_0 rule (the largest-magnitude value of a group maps to -8, so
+all 16 levels are used); asymmetric spans [min(w, 0), max(w, 0)] with 15 steps (as GPTQ does). The
+scale is rounded to float16 first and q is computed with the rounded scale, so dequantisation
+reproduces exactly the values the rounding chose.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from frugal.quant.base import QuantizedLinearMethod, TensorSpec
+
+logger = logging.getLogger(__name__)
+
+PACK_ALIGN = 64  # input features are padded to a multiple of this (the CPU kernel's block)
+
+
+def padded_in_features(in_features: int) -> int:
+    return -(-in_features // PACK_ALIGN) * PACK_ALIGN
+
+
+def num_groups(in_features: int, group_size: int) -> int:
+    return -(-padded_in_features(in_features) // group_size)
+
+
+@dataclass
+class Int4Weight:
+    """Canonical INT4 tensors of one weight [N, K]."""
+
+    qweight: torch.Tensor          # [N, Kp/2] uint8
+    scales: torch.Tensor           # [N, num_groups] float16
+    qzeros: torch.Tensor | None    # [N, num_groups] uint8, None when symmetric
+    in_features: int
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {"qweight": self.qweight, "scales": self.scales}
+        if self.qzeros is not None:
+            out["qzeros"] = self.qzeros
+        return out
+
+
+def _grouped(weight: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[N, K] -> float32 [N, num_groups, G], zero-padded on the right."""
+    n, k = weight.shape
+    total = num_groups(k, group_size) * group_size
+    return F.pad(weight.float(), (0, total - k)).view(n, -1, group_size)
+
+
+def int4_group_params(weight: torch.Tensor, group_size: int, scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight [N, K] -> (scales float16 [N, num_groups], zeros uint8 [N, num_groups]; 8 when symmetric)."""
+    return grid_params(_grouped(weight, group_size), scheme)
+
+
+def grid_params(wg: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grouped float32 weights [N, num_groups, width] -> (scales float16, zeros uint8), [N, num_groups].
+    Zero padding inside a group changes nothing (both rules include 0 in the range)."""
+    if scheme == "sym":
+        index = wg.abs().argmax(-1, keepdim=True)
+        extreme = wg.gather(-1, index).squeeze(-1)  # signed value of largest magnitude
+        scales = (extreme / -8.0).to(torch.float16)
+        zeros = torch.full(scales.shape, 8, dtype=torch.uint8)
+    else:
+        low = wg.amin(-1).clamp(max=0.0)
+        high = wg.amax(-1).clamp(min=0.0)
+        scales = ((high - low) / 15.0).to(torch.float16)
+        scales = torch.where(scales == 0, torch.ones_like(scales), scales)
+        zeros = torch.round(-low / scales.float()).clamp(0, 15).to(torch.uint8)
+    scales = torch.where(scales == 0, torch.ones_like(scales), scales)  # all-zero group: any scale, q = z
+    return scales, zeros
+
+
+def round_to_grid(weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """q = clamp(round(w / s) + z, 0, 15) per element; weight [N, K'] with scales/zeros [N, K'] broadcast
+    (already expanded to columns). Returns float32 q."""
+    return torch.clamp(torch.round(weight / scales) + zeros, 0, 15)
+
+
+def expand_groups(per_group: torch.Tensor, group_size: int, width: int) -> torch.Tensor:
+    """[N, num_groups] -> float32 [N, width], each group's value repeated over its columns."""
+    return per_group.float().repeat_interleave(group_size, dim=1)[:, :width]
+
+
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """q [N, Kp] (values 0..15) -> [N, Kp/2] uint8, low nibble = even column."""
+    q = q.to(torch.uint8)
+    return q[:, 0::2] | (q[:, 1::2] << 4)
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """[N, Kp/2] uint8 -> [N, Kp] uint8 (inverse of pack_nibbles)."""
+    return torch.stack((packed & 0xF, packed >> 4), dim=-1).flatten(1)
+
+
+def pack_int4(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int, scheme: str,
+              in_features: int) -> Int4Weight:
+    """q [N, >=K] float/int 0..15 (columns past K ignored) -> canonical Int4Weight (padding q = z)."""
+    n = q.shape[0]
+    kp = padded_in_features(in_features)
+    full = expand_groups(zeros, group_size, kp).to(torch.uint8).clone()  # padding dequantises to 0
+    full[:, :in_features] = q[:, :in_features].to(torch.uint8)
+    return Int4Weight(pack_nibbles(full.view(n, kp)), scales.contiguous(),
+                      zeros.contiguous() if scheme == "asym" else None, in_features)
+
+
+def quantize_int4(weight: torch.Tensor, group_size: int = 32, scheme: str = "sym") -> Int4Weight:
+    """Round-to-nearest INT4 of weight [N, K] (any float dtype)."""
+    n, k = weight.shape
+    scales, zeros = int4_group_params(weight, group_size, scheme)
+    w = weight.float()
+    q = round_to_grid(w, expand_groups(scales, group_size, k), expand_groups(zeros, group_size, k))
+    return pack_int4(q, scales, zeros, group_size, scheme, k)
+
+
+def dequantize_int4(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor | None, group_size: int,
+                    in_features: int) -> torch.Tensor:
+    """Canonical tensors -> float32 weight [N, in_features] (exact: s * (q - z))."""
+    q = unpack_nibbles(qweight).float()  # [N, Kp]
+    kp = q.shape[1]
+    z = expand_groups(qzeros, group_size, kp) if qzeros is not None else 8.0
+    return ((q - z) * expand_groups(scales, group_size, kp))[:, :in_features]
+
+
+def to_kernel_layout(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor | None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Canonical tensors -> the CPU kernel's layout (same shapes and dtypes): per row, every 64 weights
+    become one 32-byte block (byte j = q[j] | q[j+32] << 4); rows are tiled by 4 with block b of the
+    tile's rows adjacent, and a tile's scales / zeros stored [group][row] (see qlinear_cpu.cpp)."""
+    q = unpack_nibbles(qweight)  # [N, Kp]
+    n, kp = q.shape
+    blocks = q.view(n, kp // 64, 2, 32)
+    rows = (blocks[:, :, 0, :] | (blocks[:, :, 1, :] << 4)).reshape(n, kp // 2)
+    n4 = n - n % 4
+
+    def tiled(t: torch.Tensor, block: int) -> torch.Tensor:
+        width = t.shape[1]
+        head = t[:n4].reshape(n4 // 4, 4, width // block, block).transpose(1, 2).reshape(n4, width)
+        return torch.cat((head, t[n4:])).contiguous()
+
+    return tiled(rows, 32), tiled(scales, 1), None if qzeros is None else tiled(qzeros, 1)
+
+
+def from_kernel_layout(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor | None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Inverse of to_kernel_layout."""
+    n, half = qweight.shape
+    n4 = n - n % 4
+
+    def untiled(t: torch.Tensor, block: int) -> torch.Tensor:
+        width = t.shape[1]
+        head = t[:n4].reshape(n4 // 4, width // block, 4, block).transpose(1, 2).reshape(n4, width)
+        return torch.cat((head, t[n4:])).contiguous()
+
+    rows = untiled(qweight, 32).view(n, half // 32, 32)
+    q = torch.stack((rows & 0xF, rows >> 4), dim=2)  # [N, Kp/64, 2, 32]
+    return (pack_nibbles(q.reshape(n, half * 2)), untiled(scales, 1),
+            None if qzeros is None else untiled(qzeros, 1))
+
+
+class Int4LinearMethod(QuantizedLinearMethod):
+    """INT4 group-wise weights behind the LinearMethod seam.
+
+    backend 'cpu': our AVX512 kernel (weights repacked to its layout after loading); 'cuda': PyTorch's
+    tinygemm `_weight_int4pack_mm` (bfloat16); 'reference': dequantise every call and `F.linear` — the
+    oracle, and the fallback where no kernel is available.
+    """
+
+    def __init__(self, group_size: int, scheme: str, backend: str = "reference", max_gemv_rows: int = 16) -> None:
+        assert backend in ("cpu", "cuda", "reference"), backend
+        self.group_size, self.scheme, self.backend, self.max_gemv_rows = group_size, scheme, backend, max_gemv_rows
+        if backend == "cpu":
+            from frugal.quant.kernels import cpu_kernels
+
+            self.ops = cpu_kernels()
+            assert self.ops is not None, "the cpu backend needs the compiled kernels"
+
+    def tensor_specs(self, input_size: int, output_size: int) -> dict[str, TensorSpec]:
+        kp, groups = padded_in_features(input_size), num_groups(input_size, self.group_size)
+        specs = {"qweight": TensorSpec((output_size, kp // 2), torch.uint8),
+                 "scales": TensorSpec((output_size, groups), torch.float16)}
+        if self.scheme == "asym":
+            specs["qzeros"] = TensorSpec((output_size, groups), torch.uint8)
+        return specs
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        if self.backend == "cpu":
+            qzeros = getattr(layer, "qzeros", None)
+            qweight, scales, zeros = to_kernel_layout(layer.qweight, layer.scales, qzeros)
+            with torch.no_grad():
+                layer.qweight.copy_(qweight)
+                layer.scales.copy_(scales)
+                if qzeros is not None:
+                    qzeros.copy_(zeros)
+        elif self.backend == "cuda":
+            from frugal.quant.cuda import pack_for_tinygemm
+
+            layer.tinygemm = pack_for_tinygemm(layer.qweight, layer.scales, getattr(layer, "qzeros", None),
+                                               self.group_size, layer.input_size)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.backend == "cpu":
+            return self.ops.int4_linear(x, layer.qweight, layer.scales, getattr(layer, "qzeros", None),
+                                        self.group_size, bias, self.max_gemv_rows)
+        if self.backend == "cuda":
+            from frugal.quant.cuda import tinygemm_linear
+
+            return tinygemm_linear(x, layer.tinygemm, self.group_size, layer.input_size, bias)
+        weight = dequantize_int4(layer.qweight, layer.scales, getattr(layer, "qzeros", None), self.group_size,
+                                 layer.input_size)
+        return F.linear(x, weight.to(x.dtype), bias)
+
+    def canonical(self, layer: nn.Module) -> dict[str, torch.Tensor]:
+        qweight, scales, qzeros = layer.qweight, layer.scales, getattr(layer, "qzeros", None)
+        if self.backend == "cpu":
+            qweight, scales, qzeros = from_kernel_layout(qweight, scales, qzeros)
+        tensors = {"qweight": qweight, "scales": scales}
+        if qzeros is not None:
+            tensors["qzeros"] = qzeros
+        return tensors

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible server: `frugal serve`, or `create_app(AsyncEngine(...), ServerConfig(...))`."""

@@ -1,0 +1,98 @@
+"""frugal's fused CPU ops against the eager PyTorch code they replace (RMSNorm, rotary, SiLU-and-mul) and
+against the reference attention backend (paged decode attention)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from frugal.layers.activation import SiluAndMul
+from frugal.layers.attention_backends import ReferenceAttentionBackend, get_attention_backend
+from frugal.layers.attention_metadata import AttentionMetadata
+from frugal.layers.norm import RMSNorm
+from frugal.layers.rotary import RotaryEmbedding
+
+EXACT = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=1e-2, rtol=1e-2)}
+
+
+@pytest.fixture(autouse=True)
+def _ops(cpu_ops):
+    return cpu_ops
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_fused_matches_eager(dtype):
+    norm = RMSNorm(96, eps=1e-5)
+    assert norm._forward_method == norm._forward_fused
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(96))
+    norm = norm.to(dtype)
+    x, residual = torch.randn(7, 96).to(dtype), torch.randn(7, 96).to(dtype)
+    torch.testing.assert_close(norm(x), norm._forward_native(x, None), **EXACT[dtype])
+    fused_out, fused_sum = norm(x, residual)
+    native_out, native_sum = norm._forward_native(x, residual)
+    assert torch.equal(fused_sum, native_sum)  # the residual add rounds exactly as eager does
+    torch.testing.assert_close(fused_out, native_out, **EXACT[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_fused_matches_eager_and_leaves_inputs_alone(dtype):
+    rope = RotaryEmbedding(16, 64, 10000.0)
+    assert rope._forward_method == rope._forward_fused
+    qkv = torch.randn(5, 4 * 16 + 2 * 2 * 16).to(dtype)
+    q, k, _ = qkv.split([64, 32, 32], dim=-1)  # strided views, as the model passes them
+    q, k = q.reshape(5, 4, 16), k.reshape(5, 2, 16)
+    before = qkv.clone()
+    positions = torch.tensor([0, 3, 63, 7, 7])
+    fused_q, fused_k = rope(positions, q, k)
+    native_q, native_k = rope._forward_native(positions, q, k)
+    assert torch.equal(qkv, before)
+    torch.testing.assert_close(fused_q, native_q, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(fused_k, native_k, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_and_mul_fused_matches_eager(dtype):
+    act = SiluAndMul()
+    x = (torch.randn(3, 2 * 300) * 4).to(dtype)  # 300: not a multiple of the 16-wide vectors
+    torch.testing.assert_close(act(x), SiluAndMul._forward_native(x), **EXACT[dtype])
+
+
+def _paged_decode_case(dtype, seq_lens, num_heads=8, num_kv_heads=2, head_dim=32, block_size=4):
+    torch.manual_seed(len(seq_lens))
+    num_blocks = sum(-(-n // block_size) for n in seq_lens) + 3
+    kv_cache = torch.randn(2, num_blocks, block_size, num_kv_heads, head_dim).to(dtype)
+    perm = torch.randperm(num_blocks).tolist()  # scattered blocks
+    tables, start = [], 0
+    for n in seq_lens:
+        count = -(-n // block_size)
+        tables.append(perm[start:start + count])
+        start += count
+    block_tables = torch.zeros(len(seq_lens), max(len(t) for t in tables), dtype=torch.int64)
+    for i, table in enumerate(tables):
+        block_tables[i, :len(table)] = torch.tensor(table)
+    metadata = AttentionMetadata(
+        slot_mapping=torch.tensor([tables[i][(n - 1) // block_size] * block_size + (n - 1) % block_size
+                                   for i, n in enumerate(seq_lens)]),
+        block_tables=block_tables, query_start_loc=list(range(len(seq_lens) + 1)), query_lens=[1] * len(seq_lens),
+        seq_lens=list(seq_lens), block_size=block_size)
+    query = torch.randn(len(seq_lens), num_heads, head_dim).to(dtype)
+    return query, kv_cache, metadata
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("sliding_window", [None, 5])
+def test_paged_decode_attention_matches_reference(dtype, sliding_window):
+    backend = get_attention_backend("auto", "cpu")
+    assert backend.name == "cpu"
+    query, kv_cache, metadata = _paged_decode_case(dtype, [1, 9, 17, 4])
+    ours = backend.forward(query, kv_cache, metadata, 0.125, sliding_window)
+    reference = ReferenceAttentionBackend().forward(query, kv_cache, metadata, 0.125, sliding_window)
+    torch.testing.assert_close(ours, reference, **EXACT[dtype])
+
+
+def test_paged_decode_attention_odd_head_dim_uses_the_scalar_path():
+    query, kv_cache, metadata = _paged_decode_case(torch.float32, [3, 6], head_dim=12)
+    ours = get_attention_backend("cpu").forward(query, kv_cache, metadata, 0.3, None)
+    reference = ReferenceAttentionBackend().forward(query, kv_cache, metadata, 0.3, None)
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
