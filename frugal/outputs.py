@@ -62,6 +62,7 @@ class RequestMetrics:
             "num_output_tokens": self.num_output_tokens,
             "num_cached_tokens": self.num_cached_tokens,
             "num_preemptions": self.num_preemptions,
+            **({"spec": self.spec.as_dict()} if self.spec is not None else {}),
         }
 
 

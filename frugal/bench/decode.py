@@ -4,8 +4,8 @@ fraction of the memory-bandwidth roofline.
 Prefill: prompt tokens / time to the first token of one `prompt_len`-token prompt (one step).
 Decode: tokens after the first / time, generating `gen_len` tokens greedily (ignore_eos).
 Each number is the best of `repeats` runs after a warm-up, with the prefix cache reset between runs;
-peak RSS is this process's high-water mark (`ru_maxrss`), so run one configuration per process when
-comparing memory (the peers benchmark does).
+peak RSS is this process's high-water mark (VmHWM), so run one configuration per process when comparing
+memory (the peers benchmark does).
 """
 
 from __future__ import annotations
@@ -27,6 +27,15 @@ def random_prompt(prompt_len: int, vocab_size: int, seed: int = 0) -> list[int]:
 
 
 def peak_rss_bytes() -> int:
+    """This process's peak resident set size. VmHWM (per address space, so a worker started by a big
+    parent does not inherit the parent's peak, as getrusage's ru_maxrss does across fork + exec)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 

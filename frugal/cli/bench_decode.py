@@ -32,6 +32,8 @@ def add_decode_bench_parsers(bench_sub) -> None:
         parser = bench_sub.add_parser(kind, help=text)
         _common(parser)
         parser.add_argument("--dtype", default="bfloat16", choices=["auto", "float32", "bfloat16"])
+        parser.add_argument("--profile", action="store_true",
+                            help="instead: split a decode step's time into kernels / attention / other ops / rest")
         add_quant_options(parser, with_bits=False)
         parser.set_defaults(func=cmd_decode, bench_kind=kind)
 
@@ -57,6 +59,16 @@ def cmd_decode(args: argparse.Namespace) -> int:
     from frugal.bench.decode import run_bench, write_results
 
     quant = quant_config_from_args(args)
+    if args.profile:
+        from frugal.bench.profile_decode import profile_decode
+
+        result = profile_decode(args.model, quant, args.dtype, args.prompt_len, threads=args.threads)
+        result["command"] = _command()
+        name = args.name or f"profile_{Path(args.model).name}_{result['quantization'] or args.dtype}"
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / f"{name}.json").write_text(json.dumps(result, indent=2))
+        print(json.dumps(result, indent=2))
+        return 0
     results = run_bench(Path(args.model), quant, args.dtype, args.prompt_len, args.gen_len, args.repeats,
                         args.threads, _command())
     row = results["runs"][0]

@@ -112,6 +112,7 @@ def iterate_weights(files: list[Path], progress: bool = True,
         for path in files:
             handles.append((path, _open(path)))
         total = sum(len(handle.keys()) for _, handle in handles)
+        mapped = file_mappings(files)
         with tqdm(total=total, desc=desc, unit="tensor", disable=not progress or None) as bar:
             for path, handle in handles:
                 for name in handle.keys():
@@ -121,9 +122,58 @@ def iterate_weights(files: list[Path], progress: bool = True,
                         raise ModelLoadError(f"{path}: cannot read tensor {name!r} "
                                              f"(truncated or corrupt file?): {exc}") from exc
                     yield name, tensor
+                    release_pages(tensor, mapped)
                     bar.update(1)
     finally:
         handles.clear()
+
+
+def _madvise():
+    """libc's madvise through ctypes (None off Linux)."""
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc.madvise
+
+
+_MADVISE = _madvise()
+_MADV_DONTNEED = 4
+_PAGE = 4096
+
+
+def file_mappings(files: list[Path]) -> list[tuple[int, int]]:
+    """Address ranges where this process maps `files` (from /proc/self/maps; empty off Linux)."""
+    names = {str(Path(f).resolve()) for f in files}
+    ranges = []
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+            for line in maps:
+                fields = line.split(maxsplit=5)
+                if len(fields) == 6 and fields[5].strip() in names:
+                    low, high = fields[0].split("-")
+                    ranges.append((int(low, 16), int(high, 16)))
+    except OSError:
+        return []
+    return ranges
+
+
+def release_pages(tensor: torch.Tensor, mapped: list[tuple[int, int]]) -> None:
+    """Drop a consumed tensor's pages from this process's memory when they belong to a (private, never
+    written) file mapping in `mapped`, so that loading never holds the file and the model resident at
+    once (peak RSS = model + one tensor). A later read of such a tensor (one kept by reference)
+    re-reads the file, so its data stays valid; tensors outside the mappings are left alone."""
+    if _MADVISE is None or tensor.numel() == 0:
+        return
+    first = tensor.data_ptr()
+    last = first + tensor.numel() * tensor.element_size()
+    start, end = first // _PAGE * _PAGE, -(-last // _PAGE) * _PAGE
+    if any(low <= start and end <= high for low, high in mapped):
+        _MADVISE(start, end - start, _MADV_DONTNEED)  # best effort; an error leaves the pages resident
 
 
 def _open(path: Path):

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from frugal.errors import ConfigError, ModelLoadError
+from frugal.layers.embedding import EmbeddingMethod
 from frugal.layers.linear import LinearMethod
 from frugal.quant.config import QuantConfig
 
@@ -69,7 +70,7 @@ class QuantMethods:
 
     linear: LinearMethod | None = None
     lm_head: LinearMethod | None = None
-    embedding: object | None = None  # an EmbeddingMethod
+    embedding: EmbeddingMethod | None = None
 
 
 def select_backend(device: torch.device | str) -> str:

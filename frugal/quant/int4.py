@@ -139,7 +139,7 @@ def to_kernel_layout(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Canonical tensors -> the CPU kernel's layout (same shapes and dtypes): per row, every 64 weights
     become one 32-byte block (byte j = q[j] | q[j+32] << 4); rows are tiled by 4 with block b of the
-    tile's rows adjacent, and a tile's scales / zeros stored [group][row] (see qlinear_cpu.cpp)."""
+    tile's rows adjacent, and a tile's scales / zeros stored [group][row] (see csrc/int4_cpu.cpp)."""
     q = unpack_nibbles(qweight)  # [N, Kp]
     n, kp = q.shape
     blocks = q.view(n, kp // 64, 2, 32)

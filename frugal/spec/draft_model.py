@@ -35,6 +35,8 @@ class _DraftSequence:
     token_ids: list[int] = field(default_factory=list)   # tokens at positions 0 .. num_computed_tokens-1
     num_computed_tokens: int = 0
     is_finished: bool = False
+    # A seeded request's draws come from its own generator, so its output does not depend on the batch.
+    generator: torch.Generator | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -93,7 +95,11 @@ class DraftModelProposer(Proposer):
             if k <= 0:
                 continue
             known = request.all_token_ids
-            sequence = self._sequences.setdefault(request.request_id, _DraftSequence(request.request_id))
+            sequence = self._sequences.get(request.request_id)
+            if sequence is None:
+                seed = request.sampling_params.seed
+                generator = None if seed is None else torch.Generator(device=self.device).manual_seed(seed)
+                sequence = self._sequences[request.request_id] = _DraftSequence(request.request_id, generator=generator)
             keep = min(_common_prefix(sequence.token_ids[: sequence.num_computed_tokens], known), len(known) - 1)
             sequence.num_computed_tokens = keep
             sequence.token_ids = list(known[:keep])
@@ -119,8 +125,8 @@ class DraftModelProposer(Proposer):
         step_entries = active
         for step in range(max(k for _, _, k, _ in active)):
             logits = self._forward(scheduled)
-            for row, (request, _, _, _) in enumerate(step_entries):
-                token, q = self._draw(logits[row:row + 1], request)
+            for row, (request, sequence, _, _) in enumerate(step_entries):
+                token, q = self._draw(logits[row:row + 1], request, sequence.generator)
                 drafted[request.request_id].append(token)
                 if q is not None:
                     probs[request.request_id].append(q)
@@ -138,11 +144,12 @@ class DraftModelProposer(Proposer):
                 for request_id, tokens in drafted.items()}
 
     @staticmethod
-    def _draw(logits: torch.Tensor, request: Request) -> tuple[int, torch.Tensor | None]:
+    def _draw(logits: torch.Tensor, request: Request,
+              generator: torch.Generator | None) -> tuple[int, torch.Tensor | None]:
         """One candidate from the draft's logits [1, V]: argmax for greedy requests, else a draw from
         the request's warped distribution (returned as q [1, V] for the verifier)."""
         params = request.sampling_params
         if params.is_greedy:
             return int(logits.argmax(dim=-1)), None
         q = sampling_probs(logits, params)
-        return int(torch.multinomial(q[0], 1)), q
+        return int(torch.multinomial(q[0], 1, generator=generator)), q

@@ -1,6 +1,7 @@
 """Prompt lookup decoding (n-gram; Saxena 2023, vLLM's `ngram` and llama.cpp's lookup decoding):
 find the latest earlier occurrence of the context's last n tokens (n from `max_n` down to `min_n`)
-and propose the k tokens that followed it. No model, no state; deterministic candidates."""
+and propose the k tokens that followed it (a match overlapping the end repeats its period). No model,
+no state; deterministic candidates."""
 
 from __future__ import annotations
 
@@ -16,9 +17,12 @@ def lookup_continuation(token_ids: list[int], max_n: int, min_n: int, k: int) ->
         # Latest start s < length - n with token_ids[s:s+n] == suffix.
         for start in range(length - n - 1, -1, -1):
             if token_ids[start:start + n] == suffix:
-                follow = token_ids[start + n:start + n + k]
-                if follow:
-                    return follow
+                # Copy token by token, so a match overlapping the end continues its period
+                # (in "a b a b a b" the match two back yields "a b a b ...", not one token).
+                follow: list[int] = []
+                for i in range(start + n, start + n + k):
+                    follow.append(token_ids[i] if i < length else follow[i - length])
+                return follow
     return []
 
 

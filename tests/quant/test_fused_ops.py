@@ -82,10 +82,11 @@ def _paged_decode_case(dtype, seq_lens, num_heads=8, num_kv_heads=2, head_dim=32
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("sliding_window", [None, 5])
-def test_paged_decode_attention_matches_reference(dtype, sliding_window):
+@pytest.mark.parametrize("head_dim,seq_lens", [(32, [1, 9, 17, 4]), (64, [40, 3]), (128, [1100, 33])])
+def test_paged_decode_attention_matches_reference(dtype, sliding_window, head_dim, seq_lens):
     backend = get_attention_backend("auto", "cpu")
     assert backend.name == "cpu"
-    query, kv_cache, metadata = _paged_decode_case(dtype, [1, 9, 17, 4])
+    query, kv_cache, metadata = _paged_decode_case(dtype, seq_lens, head_dim=head_dim)
     ours = backend.forward(query, kv_cache, metadata, 0.125, sliding_window)
     reference = ReferenceAttentionBackend().forward(query, kv_cache, metadata, 0.125, sliding_window)
     torch.testing.assert_close(ours, reference, **EXACT[dtype])

@@ -63,3 +63,8 @@ def test_spec_config_parse():
         SpecConfig.parse("ngram:n=2,min_n=3")
     with pytest.raises(ConfigError, match="takes no model"):
         SpecConfig.parse("ngram:/some/dir")
+
+
+def test_lookup_continues_a_repetition_past_the_end():
+    assert lookup_continuation([9, 4, 4, 4, 4], max_n=2, min_n=1, k=5) == [4, 4, 4, 4, 4]
+    assert lookup_continuation([1, 2, 1, 2, 1, 2], max_n=2, min_n=1, k=5) == [1, 2, 1, 2, 1]

@@ -22,6 +22,9 @@ def test_generate_with_speculative_gives_the_plain_greedy_text(stories260k):
     # stories260K's greedy continuation (tests/cli/test_cli.py checks the same without speculation).
     assert payload["text"].startswith(", there was a little girl named Lily")
     assert len(payload["token_ids"]) == 20
+    spec = payload["metrics"]["spec"]  # the target drafting for itself: every candidate accepted
+    assert spec["num_accepted_tokens"] == spec["num_proposed_tokens"] > 0
+    assert spec["tokens_per_target_step"] > 1 and spec["acceptance_by_position"][0] == 1.0
 
 
 def test_generate_with_a_bad_speculative_option_is_a_clear_error(stories260k):

@@ -1,5 +1,5 @@
-"""Our CPU kernels (`csrc/qlinear_cpu.cpp`: INT4/INT8/BF16 linear; `csrc/fused_cpu.cpp`: RMSNorm,
-rotary, SiLU-and-mul and decode attention as `torch.ops.frugal.*`), compiled once as a torch
+"""Our CPU kernels (`csrc/int4_cpu.cpp`, `csrc/dense_cpu.cpp`: INT4/INT8/BF16 linear; `csrc/fused_cpu.cpp`:
+RMSNorm, rotary, SiLU-and-mul and decode attention as `torch.ops.frugal.*`), compiled once as a torch
 extension, with a pure-PyTorch fallback.
 
 `cpu_kernels()` returns the compiled module, or None when it cannot be built here (no compiler, not
@@ -21,9 +21,10 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).resolve().parent / "csrc" / name for name in ("qlinear_cpu.cpp", "fused_cpu.cpp")]
-HEADERS = [Path(__file__).resolve().parent / "csrc" / "work_sharing.h"]
-EXTENSION_NAME = "frugal_qlinear_cpu"
+_CSRC = Path(__file__).resolve().parent / "csrc"
+SOURCES = [_CSRC / name for name in ("module.cpp", "int4_cpu.cpp", "dense_cpu.cpp", "fused_cpu.cpp")]
+HEADERS = [_CSRC / name for name in ("common.h", "work_sharing.h")]
+EXTENSION_NAME = "frugal_cpu_kernels"
 # -fopenmp: at::parallel_for is inline OpenMP, so without it every kernel would run on one thread (the
 # runtime is the libgomp torch has already loaded: same soname). -ffp-contract=off: no FMA contraction in
 # the ops that reproduce eager PyTorch's rounding.

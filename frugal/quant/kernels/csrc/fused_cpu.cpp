@@ -18,6 +18,8 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include "work_sharing.h"
+
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -312,10 +314,24 @@ void attend_group_scalar(const GroupArgs& a, const T* k_base, const T* v_base) {
   }
 }
 
+// Cached K/V rows are scattered over blocks (the hardware prefetcher cannot follow the block table):
+// fetch the row kPrefetchAhead positions ahead while working on this one.
+constexpr int64_t kPrefetchAhead = 8;
+
+template <typename T>
+inline void prefetch_row(const T* base, const GroupArgs& a, int64_t p, int64_t row_bytes) {
+  if (p < a.end) {
+    const char* row = reinterpret_cast<const char*>(base + a.slot(p));
+    for (int64_t offset = 0; offset < row_bytes; offset += 64) _mm_prefetch(row + offset, _MM_HINT_T0);
+  }
+}
+
 template <typename T>
 FRUGAL_AVX512 void attend_group_avx512(const GroupArgs& a, const T* k_base, const T* v_base) {
   const int64_t L = a.end - a.start;
+  const int64_t row_bytes = a.D * int64_t(sizeof(T));
   for (int64_t p = a.start; p < a.end; ++p) {
+    prefetch_row(k_base, a, p + kPrefetchAhead, row_bytes);
     const T* k = k_base + a.slot(p);
     for (int64_t g = 0; g < a.G; ++g) {
       __m512 sum = _mm512_setzero_ps();
@@ -326,6 +342,7 @@ FRUGAL_AVX512 void attend_group_avx512(const GroupArgs& a, const T* k_base, cons
   softmax_rows(a.scores, a.G, L);
   std::fill(a.acc, a.acc + a.G * a.D, 0.f);
   for (int64_t p = a.start; p < a.end; ++p) {
+    prefetch_row(v_base, a, p + kPrefetchAhead, row_bytes);
     const T* v = v_base + a.slot(p);
     for (int64_t g = 0; g < a.G; ++g) {
       const __m512 w = _mm512_set1_ps(a.scores[g * L + (p - a.start)]);
@@ -333,6 +350,76 @@ FRUGAL_AVX512 void attend_group_avx512(const GroupArgs& a, const T* k_base, cons
       for (int64_t i = 0; i < a.D; i += 16)
         _mm512_storeu_ps(acc + i, _mm512_fmadd_ps(w, load16(v + i), _mm512_loadu_ps(acc + i)));
     }
+  }
+}
+
+
+// sums[j] = sum of the 16 lanes of v[j], for 16 vectors at once (a transpose-and-add tree: 45 shuffles/adds
+// instead of 16 horizontal reductions).
+FRUGAL_AVX512 inline __m512 hsum16(const __m512* v) {
+  __m512 t[8], u[4];
+  for (int i = 0; i < 8; ++i)  // per 128-bit chunk: [x0+x2, y0+y2, x1+x3, y1+y3]
+    t[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i)  // per chunk c: [S(v[4i], c), S(v[4i+1], c), S(v[4i+2], c), S(v[4i+3], c)]
+    u[i] = _mm512_add_ps(_mm512_shuffle_ps(t[2 * i], t[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(t[2 * i], t[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m512 s0 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], _MM_SHUFFLE(1, 0, 1, 0)),
+                                  _mm512_shuffle_f32x4(u[0], u[1], _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m512 s1 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], _MM_SHUFFLE(1, 0, 1, 0)),
+                                  _mm512_shuffle_f32x4(u[2], u[3], _MM_SHUFFLE(3, 2, 3, 2)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(s0, s1, _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(s0, s1, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// Head dim D = 16 * ND. K phase: 16 positions at a time, their rows converted to fp32 once, one head's
+// 16 dot products reduced together by hsum16. V phase: accumulators of HG heads kept in registers.
+template <typename T, int ND>
+FRUGAL_AVX512 void attend_group_blocked(const GroupArgs& a, const T* k_base, const T* v_base) {
+  constexpr int D = 16 * ND;
+  constexpr int HG = ND <= 4 ? 4 : 2;  // heads per V pass: HG * ND accumulators + ND values <= 24 registers
+  const int64_t L = a.end - a.start;
+  const int64_t row_bytes = D * int64_t(sizeof(T));
+  alignas(64) float kbuf[16][D];
+  for (int64_t c0 = a.start; c0 < a.end; c0 += 16) {
+    const int n = int(std::min<int64_t>(16, a.end - c0));
+    for (int j = 0; j < n; ++j) {
+      prefetch_row(k_base, a, c0 + j + 16, row_bytes);
+      const T* k = k_base + a.slot(c0 + j);
+      for (int i = 0; i < ND; ++i) _mm512_store_ps(kbuf[j] + 16 * i, load16(k + 16 * i));
+    }
+    for (int64_t g = 0; g < a.G; ++g) {
+      __m512 qv[ND];
+      for (int i = 0; i < ND; ++i) qv[i] = _mm512_loadu_ps(a.q + g * D + 16 * i);
+      __m512 dots[16];
+      for (int j = 0; j < 16; ++j) {
+        __m512 acc = _mm512_setzero_ps();
+        if (j < n)
+          for (int i = 0; i < ND; ++i) acc = _mm512_fmadd_ps(qv[i], _mm512_load_ps(kbuf[j] + 16 * i), acc);
+        dots[j] = acc;
+      }
+      const __m512 sums = _mm512_mul_ps(hsum16(dots), _mm512_set1_ps(a.scale));
+      _mm512_mask_storeu_ps(a.scores + g * L + (c0 - a.start), (__mmask16)((1u << n) - 1), sums);
+    }
+  }
+  softmax_rows(a.scores, a.G, L);
+  for (int64_t g0 = 0; g0 < a.G; g0 += HG) {
+    const int hg = int(std::min<int64_t>(HG, a.G - g0));
+    __m512 acc[HG][ND];
+    for (int h = 0; h < HG; ++h)
+      for (int i = 0; i < ND; ++i) acc[h][i] = _mm512_setzero_ps();
+    for (int64_t p = a.start; p < a.end; ++p) {
+      if (g0 == 0) prefetch_row(v_base, a, p + kPrefetchAhead, row_bytes);
+      const T* v = v_base + a.slot(p);
+      __m512 vv[ND];
+      for (int i = 0; i < ND; ++i) vv[i] = load16(v + 16 * i);
+      for (int h = 0; h < HG; ++h) {
+        if (h >= hg) break;
+        const __m512 w = _mm512_set1_ps(a.scores[(g0 + h) * L + (p - a.start)]);
+        for (int i = 0; i < ND; ++i) acc[h][i] = _mm512_fmadd_ps(w, vv[i], acc[h][i]);
+      }
+    }
+    for (int h = 0; h < hg; ++h)
+      for (int i = 0; i < ND; ++i) _mm512_storeu_ps(a.acc + (g0 + h) * D + 16 * i, acc[h][i]);
   }
 }
 
@@ -350,9 +437,10 @@ void paged_attention_decode_kernel(const at::Tensor& query, const at::Tensor& kv
   const bool vector = has_avx512() && D % 16 == 0 && (std::is_same<T, float>::value || std::is_same<T, at::BFloat16>::value);
   int64_t total_positions = 0;
   for (int64_t b = 0; b < B; ++b) total_positions += lens[b];
-  const int64_t mean_len = std::max<int64_t>(1, total_positions / std::max<int64_t>(B, 1));
-  // Parallel over (request, KV head) once each task has at least ~4K positions to attend.
-  at::parallel_for(0, B * Hkv, std::max<int64_t>(1, 4096 / mean_len), [&](int64_t w0, int64_t w1) {
+  // One chunk per (request, KV head); threads only when there is enough to attend (the caller does all
+  // chunks itself when helpers are busy elsewhere).
+  const int64_t num_items = B * Hkv;
+  auto run = [&](int64_t w0, int64_t w1) {
     std::vector<float> q(G * D), acc(G * D), scores;
     for (int64_t w = w0; w < w1; ++w) {
       const int64_t b = w / Hkv, kvh = w % Hkv;
@@ -367,10 +455,16 @@ void paged_attention_decode_kernel(const at::Tensor& query, const at::Tensor& kv
                            start, end, float(scale), scores.data(), acc.data()};
       bool done = false;
       if constexpr (std::is_same<T, float>::value || std::is_same<T, at::BFloat16>::value) {
-        if (vector) {
+        if (vector && D == 32) {
+          attend_group_blocked<T, 2>(args, kb, vb);
+        } else if (vector && D == 64) {
+          attend_group_blocked<T, 4>(args, kb, vb);
+        } else if (vector && D == 128) {
+          attend_group_blocked<T, 8>(args, kb, vb);
+        } else if (vector) {
           attend_group_avx512<T>(args, kb, vb);
-          done = true;
         }
+        done = vector;
       }
       if (!done) attend_group_scalar<T>(args, kb, vb);
       for (int64_t g = 0; g < G; ++g) {
@@ -378,7 +472,12 @@ void paged_attention_decode_kernel(const at::Tensor& query, const at::Tensor& kv
         for (int64_t i = 0; i < D; ++i) o[i] = round_to<T>(acc[g * D + i]);
       }
     }
-  });
+  };
+  if (total_positions * Hkv >= 1024) {
+    frugal::WorkSharing::instance().run(num_items, [&](int64_t item) { run(item, item + 1); });
+  } else {
+    run(0, num_items);
+  }
 }
 
 at::Tensor paged_attention_decode_cpu(const at::Tensor& query, const at::Tensor& kv_cache, const at::Tensor& block_tables,

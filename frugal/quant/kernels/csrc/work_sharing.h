@@ -33,10 +33,13 @@ class WorkSharing {
     return *pool;
   }
 
-  // Runs fn(c) for c in [0, num_chunks) on the calling thread plus up to at::get_num_threads() - 1 helpers.
+  // Runs fn(c) for c in [0, |num_chunks|) on the calling thread plus up to at::get_num_threads() - 1 helpers;
+  // a negative count runs them all on the calling thread (work too small to share).
   void run(int64_t num_chunks, const std::function<void(int64_t)>& fn) {
     const int threads = std::max(1, at::get_num_threads());
-    if (threads == 1 || num_chunks <= 1 || at::in_parallel_region()) {
+    const bool share = num_chunks > 0;
+    num_chunks = num_chunks < 0 ? -num_chunks : num_chunks;
+    if (threads == 1 || num_chunks <= 1 || !share || at::in_parallel_region()) {
       for (int64_t c = 0; c < num_chunks; ++c) fn(c);
       return;
     }
@@ -77,8 +80,8 @@ class WorkSharing {
   void helper_loop(int index) {
     uint64_t seen = generation_.load();
     for (;;) {
-      // Spin ~20 us for the next job (kernels of one decode step come back to back), then sleep.
-      for (int spin = 0; spin < 20000 && generation_.load() == seen; ++spin) _mm_pause();
+      // Spin ~50 us for the next job (kernels of one decode step come back to back), then sleep.
+      for (int spin = 0; spin < 50000 && generation_.load() == seen; ++spin) _mm_pause();
       if (generation_.load() == seen) {
         std::unique_lock<std::mutex> lock(sleep_mutex_);
         sleepers_.fetch_add(1);

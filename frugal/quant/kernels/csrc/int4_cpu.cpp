@@ -1,4 +1,5 @@
-// frugal CPU linear kernels: weight-only INT4 (group-wise) / INT8 (per-channel) and dense BF16.
+// frugal CPU linear kernels: weight-only INT4 (group-wise) here; INT8 (per-channel) and dense BF16 in
+// dense_cpu.cpp; shared driver in common.h, thread scheduling in work_sharing.h.
 //
 // Decoding one token reads every weight once, so a batch-1 linear layer is bounded by memory
 // bandwidth / bytes of weights (Shen et al., "Efficient LLM Inference on CPUs", 2023). These kernels
@@ -26,67 +27,10 @@
 //
 // Large batches (prefill) dequantise the weight once into a scratch tensor and call at::mm, which
 // is compute-bound and uses oneDNN/MKL. Machines without AVX512-BF16 take that path for every batch.
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
-#include <immintrin.h>
+#include "common.h"
 
-#include "work_sharing.h"
-
-#include <algorithm>
-#include <atomic>
-#include <cstdint>
-#include <cstring>
-
-#define FRUGAL_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,f16c")))
-
+namespace frugal {
 namespace {
-
-bool cpu_has_avx512_bf16() {
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-                         __builtin_cpu_supports("avx512bf16");
-  return ok;
-}
-
-inline float half_to_float(uint16_t h) {
-  // Portable IEEE half -> float (the AVX512 kernels use vcvtph2ps instead).
-  const uint32_t sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1f, mant = h & 0x3ffu;
-  uint32_t bits;
-  if (exp == 0) {
-    if (mant == 0) {
-      bits = sign;
-    } else {  // subnormal
-      int e = -1;
-      uint32_t m = mant;
-      do { m <<= 1; ++e; } while ((m & 0x400u) == 0);
-      bits = sign | (uint32_t(127 - 15 - e) << 23) | ((m & 0x3ffu) << 13);
-    }
-  } else if (exp == 31) {
-    bits = sign | 0x7f800000u | (mant << 13);
-  } else {
-    bits = sign | ((exp + 112) << 23) | (mant << 13);
-  }
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
-}
-
-// Where a tile's results go: [M, N] fp32 or bf16, after an optional per-column scale and bias.
-struct Out {
-  float* f32 = nullptr;
-  at::BFloat16* bf16 = nullptr;
-  int64_t ld = 0;
-  const float* col_scale = nullptr;
-  const float* bias = nullptr;
-  inline void store(int64_t m, int64_t n, float v) const {
-    if (col_scale) v *= col_scale[n];
-    if (bias) v += bias[n];
-    if (bf16)
-      bf16[m * ld + n] = at::BFloat16(v);  // round to nearest even
-    else
-      f32[m * ld + n] = v;
-  }
-};
 
 // Addressing of the kernel layout (see the file comment).
 struct Int4View {
@@ -285,88 +229,6 @@ FRUGAL_AVX512 void int4_tile_f32(const Int4View& v, const float* x, int64_t ldx,
     for (int n = 0; n < NT; ++n) out.store(m0 + m, n0 + n, _mm512_reduce_add_ps(acc[m][n]));
 }
 
-// ------------------------------------------------------------------------------------------------
-// INT8 (per output channel) x FP32 activations, and dense BF16 x BF16.
-
-template <int MT, int NT>
-FRUGAL_AVX512 void int8_tile_f32(const int8_t* qw, int64_t K, const float* x, int64_t ldx, int64_t n0,
-                                 const Out& out, int64_t m0) {
-  __m512 acc[MT][NT];
-  for (int m = 0; m < MT; ++m)
-    for (int n = 0; n < NT; ++n) acc[m][n] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; k += 16) {
-    __m512 w[NT];
-    for (int n = 0; n < NT; ++n)
-      w[n] = _mm512_cvtepi32_ps(
-          _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qw + (n0 + n) * K + k))));
-    for (int m = 0; m < MT; ++m) {
-      const __m512 xv = _mm512_loadu_ps(x + m * ldx + k);
-      for (int n = 0; n < NT; ++n) acc[m][n] = _mm512_fmadd_ps(w[n], xv, acc[m][n]);
-    }
-  }
-  for (int m = 0; m < MT; ++m)
-    for (int n = 0; n < NT; ++n) out.store(m0 + m, n0 + n, _mm512_reduce_add_ps(acc[m][n]));
-}
-
-template <int MT, int NT>
-FRUGAL_AVX512 void bf16_tile(const uint16_t* w, int64_t K, const uint16_t* x, int64_t ldx, int64_t n0,
-                             const Out& out, int64_t m0) {
-  __m512 acc[MT][NT];
-  for (int m = 0; m < MT; ++m)
-    for (int n = 0; n < NT; ++n) acc[m][n] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; k += 32) {
-    __m512i wv[NT];
-    for (int n = 0; n < NT; ++n) wv[n] = _mm512_loadu_si512(w + (n0 + n) * K + k);
-    for (int m = 0; m < MT; ++m) {
-      const __m512i xv = _mm512_loadu_si512(x + m * ldx + k);
-      for (int n = 0; n < NT; ++n) acc[m][n] = _mm512_dpbf16_ps(acc[m][n], (__m512bh)wv[n], (__m512bh)xv);
-    }
-  }
-  for (int m = 0; m < MT; ++m)
-    for (int n = 0; n < NT; ++n) out.store(m0 + m, n0 + n, _mm512_reduce_add_ps(acc[m][n]));
-}
-
-// ------------------------------------------------------------------------------------------------
-// Driver: split the output rows across threads in tiles of NT, walk the activation rows in tiles of
-// MT (4, then a 1-row remainder), write fp32 results into a [M, N] buffer.
-
-constexpr int kTileRows = 4;  // NT
-constexpr int kTileBatch = 4;  // MT
-
-template <typename Tile1, typename Tile4, typename TileTail>
-void run_tiles(int64_t M, int64_t N, Tile1 tile1, Tile4 tile4, TileTail tail_row) {
-  const int64_t num_tiles = N / kTileRows;
-  constexpr int64_t kTilesPerChunk = 16;  // 64 output rows: ~64 KiB of INT4 weights at K = 2048
-  frugal::WorkSharing::instance().run((num_tiles + kTilesPerChunk - 1) / kTilesPerChunk, [&](int64_t chunk) {
-    const int64_t t1 = std::min(num_tiles, (chunk + 1) * kTilesPerChunk);
-    for (int64_t t = chunk * kTilesPerChunk; t < t1; ++t) {
-      const int64_t n0 = t * kTileRows;
-      int64_t m = 0;
-      for (; m + kTileBatch <= M; m += kTileBatch) tile4(m, n0);
-      for (; m < M; ++m) tile1(m, n0);
-    }
-  });
-  for (int64_t n = num_tiles * kTileRows; n < N; ++n)
-    for (int64_t m = 0; m < M; ++m) tail_row(m, n);
-}
-
-// The output tensor [M, N] in `dtype` (float32 or bfloat16) and its Out view; `bias_f32` keeps a converted
-// bias alive.
-Out make_out(at::Tensor& out, at::Tensor& bias_f32, const c10::optional<at::Tensor>& bias, const float* col_scale) {
-  Out o;
-  o.ld = out.size(1);
-  if (out.scalar_type() == at::kBFloat16)
-    o.bf16 = out.data_ptr<at::BFloat16>();
-  else
-    o.f32 = out.data_ptr<float>();
-  o.col_scale = col_scale;
-  if (bias.has_value() && bias->defined()) {
-    bias_f32 = bias->to(at::kFloat).contiguous();
-    o.bias = bias_f32.data_ptr<float>();
-  }
-  return o;
-}
-
 at::Tensor pad_k(const at::Tensor& x, int64_t Kp) {
   const int64_t K = x.size(1);
   TORCH_CHECK(K <= Kp, "activation has ", K, " features, weight expects at most ", Kp);
@@ -379,7 +241,7 @@ void int4_gemv(const at::Tensor& x, const Int4View& v, const Out& o) {
   if (x.scalar_type() == at::kBFloat16) {
     const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
     run_tiles(
-        M, N,
+        M, N, N * Kp / 2,
         [&](int64_t m, int64_t n0) { int4_tile_bf16<1, kTileRows, G>(v, xp + m * Kp, Kp, n0, o, m); },
         [&](int64_t m, int64_t n0) { int4_tile_bf16<kTileBatch, kTileRows / 2, G>(v, xp + m * Kp, Kp, n0, o, m);
                                      int4_tile_bf16<kTileBatch, kTileRows / 2, G>(v, xp + m * Kp, Kp, n0 + 2, o, m); },
@@ -387,20 +249,12 @@ void int4_gemv(const at::Tensor& x, const Int4View& v, const Out& o) {
   } else {
     const float* xp = x.data_ptr<float>();
     run_tiles(
-        M, N,
+        M, N, N * Kp / 2,
         [&](int64_t m, int64_t n0) { int4_tile_f32<1, kTileRows, G>(v, xp + m * Kp, Kp, n0, o, m); },
         [&](int64_t m, int64_t n0) { int4_tile_f32<kTileBatch, kTileRows / 2, G>(v, xp + m * Kp, Kp, n0, o, m);
                                      int4_tile_f32<kTileBatch, kTileRows / 2, G>(v, xp + m * Kp, Kp, n0 + 2, o, m); },
         [&](int64_t m, int64_t n) { int4_tile_f32<1, 1, G>(v, xp + m * Kp, Kp, n, o, m); });
   }
-}
-
-void check_common(const at::Tensor& x, at::ScalarType wdtype, const at::Tensor& w) {
-  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "frugal CPU kernels need CPU tensors");
-  TORCH_CHECK(x.dim() == 2, "activation must be 2-D [M, K], got ", x.dim(), "-D");
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat,
-              "activation dtype must be bfloat16 or float32, got ", x.scalar_type());
-  TORCH_CHECK(w.scalar_type() == wdtype && w.is_contiguous(), "weight must be contiguous ", wdtype);
 }
 
 }  // namespace
@@ -459,109 +313,4 @@ at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& qweight, const 
   return out;
 }
 
-// y = (x @ qweight^T) * scales (+ bias). qweight int8 [N, K], scales float32 [N].
-at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                       const c10::optional<at::Tensor>& bias, int64_t max_gemv_rows) {
-  check_common(x, at::kChar, qweight);
-  const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0);
-  TORCH_CHECK(qweight.size(1) == K, "activation has ", K, " features, weight has ", qweight.size(1));
-  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.numel() == N, "scales must be float32 [N]");
-  if (M > max_gemv_rows || K % 16 != 0 || !cpu_has_avx512_bf16()) {
-    at::Tensor w = qweight.to(at::kFloat).mul_(scales.unsqueeze(1)).to(x.scalar_type());  // s * q exact in fp32
-    at::Tensor out = at::mm(x.contiguous(), w.t());
-    if (bias.has_value() && bias->defined()) out.add_(bias->to(out.scalar_type()));
-    return out;
-  }
-  const at::Tensor xf = x.to(at::kFloat).contiguous();
-  at::Tensor out = at::empty({M, N}, x.options()), bias_f32;
-  const Out o = make_out(out, bias_f32, bias, scales.data_ptr<float>());
-  const int8_t* qw = qweight.data_ptr<int8_t>();
-  const float* xp = xf.data_ptr<float>();
-  run_tiles(
-      M, N,
-      [&](int64_t m, int64_t n0) { for (int r = 0; r < kTileRows; ++r) int8_tile_f32<1, 1>(qw, K, xp + m * K, K, n0 + r, o, m); },
-      [&](int64_t m, int64_t n0) { int8_tile_f32<kTileBatch, kTileRows>(qw, K, xp + m * K, K, n0, o, m); },
-      [&](int64_t m, int64_t n) { int8_tile_f32<1, 1>(qw, K, xp + m * K, K, n, o, m); });
-  return out;
-}
-
-// y = x @ w^T (+ bias) for bf16 x and w [N, K]; batch rows <= max_gemv_rows use the streaming kernel.
-at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                       int64_t max_gemv_rows) {
-  check_common(x, at::kBFloat16, weight);
-  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
-  TORCH_CHECK(weight.size(1) == K, "activation has ", K, " features, weight has ", weight.size(1));
-  if (M > max_gemv_rows || K % 32 != 0 || x.scalar_type() != at::kBFloat16 || !cpu_has_avx512_bf16()) {
-    at::Tensor out = at::mm(x.contiguous(), weight.t());
-    if (bias.has_value() && bias->defined()) out.add_(bias->to(out.scalar_type()));
-    return out;
-  }
-  const at::Tensor xc = x.contiguous();
-  at::Tensor out = at::empty({M, N}, x.options()), bias_f32;
-  const Out o = make_out(out, bias_f32, bias, nullptr);
-  const uint16_t* w = reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>());
-  const uint16_t* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
-  run_tiles(
-      M, N,
-      [&](int64_t m, int64_t n0) { bf16_tile<1, kTileRows>(w, K, xp + m * K, K, n0, o, m); },
-      [&](int64_t m, int64_t n0) { bf16_tile<kTileBatch, kTileRows>(w, K, xp + m * K, K, n0, o, m); },
-      [&](int64_t m, int64_t n) { bf16_tile<1, 1>(w, K, xp + m * K, K, n, o, m); });
-  return out;
-}
-
-bool has_fast_path() { return cpu_has_avx512_bf16(); }
-
-// Read every byte of `buffer` once (64-byte vector loads, OR-reduced so nothing is optimised away),
-// split across torch's threads: the memory-bandwidth probe of `frugal bench`. Returns the OR of all
-// 64-bit words.
-namespace {
-FRUGAL_AVX512 uint64_t or_reduce_avx512(const uint8_t* p, int64_t n) {
-  __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
-  int64_t i = 0;
-  for (; i + 256 <= n; i += 256) {
-    a0 = _mm512_or_si512(a0, _mm512_load_si512(p + i));
-    a1 = _mm512_or_si512(a1, _mm512_load_si512(p + i + 64));
-    a2 = _mm512_or_si512(a2, _mm512_load_si512(p + i + 128));
-    a3 = _mm512_or_si512(a3, _mm512_load_si512(p + i + 192));
-  }
-  uint64_t out = uint64_t(_mm512_reduce_or_epi64(_mm512_or_si512(_mm512_or_si512(a0, a1), _mm512_or_si512(a2, a3))));
-  for (; i < n; ++i) out |= p[i];
-  return out;
-}
-}  // namespace
-
-int64_t read_probe(const at::Tensor& buffer) {
-  TORCH_CHECK(buffer.is_contiguous() && buffer.scalar_type() == at::kByte && buffer.device().is_cpu(),
-              "read_probe needs a contiguous CPU uint8 tensor");
-  const uint8_t* base = buffer.data_ptr<uint8_t>();
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(base) % 64 == 0, "read_probe needs a 64-byte aligned buffer");
-  const int64_t n = buffer.numel(), chunk = 1 << 20;
-  std::atomic<uint64_t> total{0};
-  frugal::WorkSharing::instance().run((n + chunk - 1) / chunk, [&](int64_t c) {
-    uint64_t local = 0;
-    {
-      const int64_t start = c * chunk, len = std::min(chunk, n - start);
-      if (cpu_has_avx512_bf16()) {
-        local |= or_reduce_avx512(base + start, len);
-      } else {
-        for (int64_t i = 0; i < len; i += 8) {
-          uint64_t word = 0;
-          std::memcpy(&word, base + start + i, std::min<int64_t>(8, len - i));
-          local |= word;
-        }
-      }
-    }
-    total.fetch_or(local);
-  });
-  return int64_t(total.load());
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "frugal CPU kernels: INT4/INT8 weight-only and BF16 streaming GEMV";
-  m.def("int4_linear", &int4_linear, "INT4 group-wise weight-only linear");
-  m.def("int4_dequantize", &int4_dequantize, "INT4 kernel-layout weights -> dense");
-  m.def("int8_linear", &int8_linear, "INT8 per-channel weight-only linear");
-  m.def("bf16_linear", &bf16_linear, "BF16 streaming linear");
-  m.def("read_probe", &read_probe, "read a uint8 buffer once (memory bandwidth probe)");
-  m.def("has_fast_path", &has_fast_path, "whether this CPU has AVX512-BF16 (else every call dequantises)");
-}
+}  // namespace frugal

@@ -1,0 +1,28 @@
+// The Python module of frugal's CPU kernels (torch.ops.frugal.* are registered in fused_cpu.cpp).
+#include <torch/extension.h>
+
+#include "common.h"
+
+namespace frugal {
+at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& qweight, const at::Tensor& scales,
+                       const c10::optional<at::Tensor>& zeros, int64_t group_size,
+                       const c10::optional<at::Tensor>& bias, int64_t max_gemv_rows);
+at::Tensor int4_dequantize(const at::Tensor& qweight, const at::Tensor& scales,
+                           const c10::optional<at::Tensor>& zeros, int64_t group_size, at::ScalarType dtype);
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                       const c10::optional<at::Tensor>& bias, int64_t max_gemv_rows);
+at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                       int64_t max_gemv_rows);
+int64_t read_probe(const at::Tensor& buffer);
+}  // namespace frugal
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "frugal CPU kernels: INT4/INT8 weight-only and BF16 streaming GEMV";
+  m.def("int4_linear", &frugal::int4_linear, "INT4 group-wise weight-only linear");
+  m.def("int4_dequantize", &frugal::int4_dequantize, "INT4 kernel-layout weights -> dense");
+  m.def("int8_linear", &frugal::int8_linear, "INT8 per-channel weight-only linear");
+  m.def("bf16_linear", &frugal::bf16_linear, "BF16 streaming linear");
+  m.def("read_probe", &frugal::read_probe, "read a uint8 buffer once (memory bandwidth probe)");
+  m.def("has_fast_path", &frugal::cpu_has_avx512_bf16, "whether this CPU has AVX512-BF16 (else every call dequantises)");
+}
+
