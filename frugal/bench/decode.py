@@ -109,7 +109,7 @@ def plot_rows(results: dict, png_path: Path, title: str) -> None:
     labels = [row.get("label") or f"{row['engine']}\n{row.get('quantization') or row.get('dtype')}" for row in rows]
     colors = ["tab:green" if row["engine"] == "frugal" else "tab:blue" if row["engine"] == "llama.cpp"
               else "tab:gray" for row in rows]
-    fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(rows) * 2), 4.5))
+    fig, axes = plt.subplots(2, 1, figsize=(max(8, min(16, 1.2 * len(rows))), 8))
     for ax, key, name in ((axes[0], "prefill_tokens_per_s", f"prefill ({results['prompt_len']} tokens)"),
                           (axes[1], "decode_tokens_per_s", f"decode (batch 1, {results['gen_len']} tokens)")):
         values = [row[key] for row in rows]
