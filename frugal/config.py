@@ -102,8 +102,15 @@ class ModelConfig:
     max_model_len: int | None = None
     seed: int = 0
     attention_backend: str = "auto"
+    # torch.compile the CPU decode step (frugal.runner.compiled_decode); off by default: the first
+    # decode step then compiles for about a minute (cached on disk afterwards).
+    compile: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.compile, bool):
+            raise ConfigError(f"compile must be True or False, got {self.compile!r}")
+        if self.compile and self.device != "cpu":
+            raise ConfigError(f"compile applies to the CPU decode path; device is {self.device!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ConfigError(f"dtype must be one of auto, float32, bfloat16, float16; got {self.dtype!r}")
         if not (self.device in ("cpu", "cuda") or re.fullmatch(r"cuda:\d+", self.device)):
@@ -124,8 +131,8 @@ class EngineConfig:
     speculative: "SpecConfig | None" = None
 
 
-_SPEC_METHODS = ("ngram", "draft")
-_SPEC_PLANNED = ("tree", "medusa")
+_SPEC_METHODS = ("ngram", "draft", "tree", "medusa")
+_SPEC_PLANNED: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -133,7 +140,19 @@ class SpecConfig:
     """Speculative decoding (frugal.spec). `method`: 'ngram' (prompt lookup, n-grams of `ngram_min`..
     `ngram_max` tokens) or 'draft' (a small model at `model` sharing the target's vocabulary).
     `num_speculative_tokens` is k, the longest chain proposed per step; with `adaptive` each request's
-    k shrinks (down to 0, with periodic re-probes) while its acceptance is low."""
+    k shrinks (down to 0, with periodic re-probes) while its acceptance is low.
+
+    'tree' (LLMCad, spec/tree_draft.py): a draft model at `model` grows a token tree at most k deep
+    and `tree_nodes` candidates large, giving `tree_width` children to nodes whose draft runner-up is
+    at least `tree_branch` times as likely as the best token, and stops when the path's accumulated
+    uncertainty (nats) exceeds a per-request threshold starting at `tree_threshold` (self-adjusting
+    when `adaptive`); with `tree_overlap` it drafts the next tree while the target verifies.
+
+    'medusa' (Medusa-1, spec/medusa.py): heads trained by `frugal train medusa`, saved in `model`,
+    propose a fixed sparse tree of `tree_nodes` candidates at most k deep from each head's
+    `medusa_top_k` best tokens. `typical` replaces lossless verification of sampled requests by
+    Medusa's typical acceptance (p(x) > min(`typical_epsilon`, `typical_delta` * exp(-entropy))):
+    LOSSY, opt-in; greedy requests stay exact."""
 
     method: str
     model: str | None = None
@@ -141,6 +160,15 @@ class SpecConfig:
     ngram_max: int = 3
     ngram_min: int = 1
     adaptive: bool = True
+    tree_nodes: int = 12
+    tree_width: int = 2
+    tree_branch: float = 0.5
+    tree_threshold: float = 4.0
+    tree_overlap: bool = False
+    medusa_top_k: int = 4
+    typical: bool = False
+    typical_epsilon: float = 0.09
+    typical_delta: float = 0.3
 
     def __post_init__(self) -> None:
         if self.method in _SPEC_PLANNED:
@@ -150,6 +178,12 @@ class SpecConfig:
             raise ConfigError(f"unknown speculative method {self.method!r}; use one of {', '.join(_SPEC_METHODS)}")
         if self.method == "draft" and not self.model:
             raise ConfigError("speculative 'draft' needs a draft model directory: 'draft:DIR,k=5'")
+        if self.method == "tree":
+            self._check_tree()
+        if self.method == "medusa":
+            self._check_medusa()
+        elif self.typical:
+            raise ConfigError(f"speculative typical acceptance is a 'medusa' option, not {self.method!r}'s")
         if self.method == "ngram" and self.model:
             raise ConfigError("speculative 'ngram' takes no model")
         for name in ("num_speculative_tokens", "ngram_max", "ngram_min"):
@@ -161,9 +195,40 @@ class SpecConfig:
         if self.ngram_min > self.ngram_max:
             raise ConfigError(f"speculative min_n={self.ngram_min} exceeds n={self.ngram_max}")
 
+    def _check_tree(self) -> None:
+        if not self.model:
+            raise ConfigError("speculative 'tree' needs a draft model directory: 'tree:DIR,k=5,nodes=12'")
+        for name in ("tree_nodes", "tree_width"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"speculative {name} must be a positive integer, got {value!r}")
+        if self.tree_nodes > 64:
+            raise ConfigError(f"speculative tree nodes={self.tree_nodes} is too many (at most 64)")
+        value = self.tree_branch
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
+            raise ConfigError(f"speculative tree_branch must be a number in (0, 1), got {value!r}")
+        value = self.tree_threshold
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 30.0:
+            raise ConfigError(f"speculative tree_threshold must be a number of nats in [0, 30], got {value!r}")
+
+    def _check_medusa(self) -> None:
+        if not self.model:
+            raise ConfigError("speculative 'medusa' needs the directory of its heads: 'medusa:DIR,nodes=12'")
+        for name in ("tree_nodes", "medusa_top_k"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"speculative {name} must be a positive integer, got {value!r}")
+        if self.tree_nodes > 64:
+            raise ConfigError(f"speculative medusa nodes={self.tree_nodes} is too many (at most 64)")
+        for name in ("typical_epsilon", "typical_delta"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+                raise ConfigError(f"speculative {name} must be a number in (0, 1], got {value!r}")
+
     @classmethod
     def parse(cls, spec: "str | SpecConfig | None") -> "SpecConfig | None":
-        """'draft:DIR,k=5' | 'ngram:n=3,k=5' | 'ngram' (options: k, n, min_n, adaptive=0/1) -> SpecConfig."""
+        """'draft:DIR,k=5' | 'ngram:n=3,k=5' | 'ngram' (options: k, n, min_n, adaptive=0/1) |
+        'medusa:DIR,k=4,nodes=12,topk=4[,typical=on,eps=0.09,delta=0.3]' -> SpecConfig."""
         if spec is None or isinstance(spec, SpecConfig):
             return spec
         if not isinstance(spec, str) or not spec.strip():
@@ -171,6 +236,12 @@ class SpecConfig:
         method, _, rest = spec.strip().partition(":")
         fields: dict = {"method": method.strip()}
         keys = {"k": "num_speculative_tokens", "n": "ngram_max", "min_n": "ngram_min", "adaptive": "adaptive"}
+        if fields["method"] == "tree":  # 'tree:DIR,k=5,nodes=12,width=2,branch=0.6,threshold=0.7,overlap=1'
+            keys.update(nodes="tree_nodes", width="tree_width", branch="tree_branch", threshold="tree_threshold",
+                        overlap="tree_overlap")
+        if fields["method"] == "medusa":  # 'medusa:DIR,k=4,nodes=12,topk=4,typical=on,eps=0.09,delta=0.3'
+            keys.update(nodes="tree_nodes", topk="medusa_top_k", typical="typical", eps="typical_epsilon",
+                        delta="typical_delta")
         for part in filter(None, (p.strip() for p in rest.split(","))):
             key, eq, value = part.partition("=")
             if not eq:
@@ -181,10 +252,16 @@ class SpecConfig:
             if key.strip() not in keys:
                 raise ConfigError(f"speculative {spec!r}: unknown option {key.strip()!r}; known: {', '.join(keys)}")
             name = keys[key.strip()]
-            if name == "adaptive":
+            if name in ("adaptive", "tree_overlap", "typical"):
                 if value.strip().lower() not in ("0", "1", "true", "false", "on", "off"):
-                    raise ConfigError(f"speculative adaptive must be on/off, got {value!r}")
+                    raise ConfigError(f"speculative {key.strip()} must be on/off, got {value!r}")
                 fields[name] = value.strip().lower() in ("1", "true", "on")
+                continue
+            if name in ("tree_branch", "tree_threshold", "typical_epsilon", "typical_delta"):
+                try:
+                    fields[name] = float(value)
+                except ValueError:
+                    raise ConfigError(f"speculative {spec!r}: {key.strip()} must be a number, got {value!r}") from None
                 continue
             try:
                 fields[name] = int(value)

@@ -1,6 +1,7 @@
 """Request: the only mutable per-request record. Owned by the scheduler; the runner reads it.
 
-Invariants: `num_computed_tokens <= num_tokens + len(spec_token_ids)`; `all_token_ids` is always
+Invariants: `num_computed_tokens <= num_tokens + len(spec_token_ids)`; `spec_parent_ids` is None (a
+chain) or as long as `spec_token_ids` (a token tree, see spec/proposer.py); `all_token_ids` is always
 `prompt_token_ids + output_token_ids`; once `status` is finished it never changes again.
 """
 
@@ -52,6 +53,8 @@ class Request:
     num_cached_tokens: int = -1
     # Speculative tokens proposed for the next step (verified by the target; see spec/).
     spec_token_ids: list[int] = field(default_factory=list)
+    # Their tree: parent node of each (0 = the last known token, node i = spec_token_ids[i-1]); None = chain.
+    spec_parent_ids: list[int] | None = None
     num_preemptions: int = 0
     # FastServe-style multi-level queue position (0 = highest priority); policies own its meaning.
     queue_level: int = 0
@@ -96,6 +99,11 @@ class Request:
         if self.sampling_params.max_tokens is None:
             return room
         return min(self.sampling_params.max_tokens, room)
+
+    def clear_spec_tokens(self) -> None:
+        """Drop the speculative candidates (and their tree)."""
+        self.spec_token_ids.clear()
+        self.spec_parent_ids = None
 
     def append_output_token_ids(self, token_ids: list[int]) -> None:
         self.output_token_ids.extend(token_ids)

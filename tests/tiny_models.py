@@ -47,7 +47,7 @@ QWEN25_TEMPLATE = (
 
 # Llama-2-chat's template: uses bos_token/eos_token and raise_exception.
 
-FAMILIES = ("llama", "mistral", "qwen2", "llama_tied", "llama3_rope")
+FAMILIES = ("llama", "mistral", "qwen2", "llama_tied", "llama3_rope", "llama_relu", "mixtral")
 
 
 def tiny_config(family: str, vocab_size: int = 512, **overrides):
@@ -68,6 +68,11 @@ def tiny_config(family: str, vocab_size: int = 512, **overrides):
         config = transformers.MistralConfig(**common, sliding_window=None)
     elif family == "qwen2":
         config = transformers.Qwen2Config(**common)
+    elif family == "llama_relu":  # ReGLU MLP, as ReluLLaMA and the zoo's `relu` model
+        config = transformers.LlamaConfig(**common, hidden_act="relu")
+    elif family == "mixtral":  # sparse MoE, the zoo's `moe` shape: 4 experts, top-2, tied embeddings
+        config = transformers.MixtralConfig(**{**common, "tie_word_embeddings": True}, num_local_experts=4,
+                                            num_experts_per_tok=2, sliding_window=None)
     else:
         raise ValueError(family)
     for key, value in overrides.items():
@@ -97,6 +102,9 @@ def make_tiny_checkpoint(out_dir: Path, family: str = "llama", seed: int = 0, to
     with torch.no_grad():
         for param in model.parameters():
             param.mul_(4.0) if param.dim() >= 2 else None
+        for name, param in model.named_parameters():
+            if name.endswith(".gate.weight"):  # MoE router: decisive routing, no near-ties in top-k
+                param.mul_(5.0)
     model.save_pretrained(out_dir, safe_serialization=True)
     if tokenizer == "qwen":
         for name in ("tokenizer.json", "vocab.json", "merges.txt"):

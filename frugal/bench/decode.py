@@ -48,8 +48,10 @@ def current_rss_bytes() -> int:
 
 
 def measure_frugal(model_dir: Path | str, quantization=None, dtype: str = "bfloat16", prompt_len: int = 512,
-                   gen_len: int = 128, repeats: int = 2, threads: int = 2, prompt: list[int] | None = None) -> dict:
-    """Our engine, in this process. Returns tokens/s, memory and bytes read per decoded token."""
+                   gen_len: int = 128, repeats: int = 2, threads: int = 2, prompt: list[int] | None = None,
+                   compile: bool = False) -> dict:
+    """Our engine, in this process. Returns tokens/s, memory and bytes read per decoded token.
+    `compile`: torch.compile'd decode steps (compiled during the warm-up, so not timed)."""
     import torch
 
     from frugal import LLM, SamplingParams
@@ -59,7 +61,7 @@ def measure_frugal(model_dir: Path | str, quantization=None, dtype: str = "bfloa
     torch.set_num_threads(threads)
     rss_before = current_rss_bytes()
     llm = LLM(str(model_dir), dtype=dtype, quantization=quantization, kv_cache_memory="1GiB",
-              max_model_len=prompt_len + gen_len + 16, max_num_batched_tokens=max(2048, prompt_len))
+              max_model_len=prompt_len + gen_len + 16, max_num_batched_tokens=max(2048, prompt_len), compile=compile)
     engine = llm.engine
     rss_loaded = current_rss_bytes()
     prompt = prompt or random_prompt(prompt_len, engine.arch.vocab_size)
@@ -81,15 +83,16 @@ def measure_frugal(model_dir: Path | str, quantization=None, dtype: str = "bfloa
         "peak_rss_bytes": peak_rss_bytes(), "rss_model_loaded_bytes": rss_loaded - rss_before,
         "decode_bytes_per_token": traffic["total_bytes"], "traffic": traffic, "output_token_ids": output,
         "attention_backend": type(engine.model.model.layers[0].self_attn.attn.backend).__name__,
+        "compiled": engine.runner.model_forward is not engine.model,
     }
 
 
 def run_bench(model_dir: Path, quantization, dtype: str, prompt_len: int, gen_len: int, repeats: int, threads: int,
-              command: str) -> dict:
+              command: str, compile: bool = False) -> dict:
     from frugal.bench.roofline import measure_bandwidth, roofline_fraction
 
     bandwidth = measure_bandwidth(threads)
-    row = measure_frugal(model_dir, quantization, dtype, prompt_len, gen_len, repeats, threads)
+    row = measure_frugal(model_dir, quantization, dtype, prompt_len, gen_len, repeats, threads, compile=compile)
     row["roofline_fraction"] = roofline_fraction(row["decode_tokens_per_s"], row["decode_bytes_per_token"],
                                                  bandwidth["bandwidth_gb_s"])
     row.pop("output_token_ids")

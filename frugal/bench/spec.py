@@ -97,6 +97,10 @@ def run(model: str, methods: list[str], prompts_file: str, batch_sizes: list[int
                 row["speedup"] = best["plain"] / best[name]
                 row["identical_to_plain"] = [o.outputs[0].token_ids for o in outputs[name]] == plain_tokens
                 row.update(_aggregate([o.metrics.spec for o in outputs[name]]))
+                proposer = llms[name].engine.spec.proposer
+                if getattr(proposer, "overlap", False):  # tree drafting during verification (warm-up and repeats)
+                    row["prefetch_hits"] = proposer.num_prefetch_hits
+                    row["prefetch_misses"] = proposer.num_prefetch_misses
                 logger.info("batch %d %s: %.2fs, speedup %.2fx, %.2f tokens per target pass", batch, name,
                             best[name], row["speedup"], row["tokens_per_target_step"] or 0)
             results["runs"].append(row)

@@ -37,7 +37,7 @@ def add_bench_parser(sub) -> None:
     spec = bench_sub.add_parser("spec", help="speculative decoding speedup vs plain decoding (same run)")
     spec.add_argument("model")
     spec.add_argument("--speculative", action="append", required=True, metavar="SPEC",
-                      help="method to compare with plain decoding (repeatable), e.g. ngram:n=3,k=5 or draft:DIR,k=4")
+                      help="method to compare with plain decoding (repeatable), e.g. ngram:n=3,k=5, draft:DIR,k=4 or medusa:DIR")
     spec.add_argument("--prompts", default=str(Path(__file__).resolve().parents[3] / "shared/data/spec_bench/question.jsonl"),
                       help="Spec-Bench question.jsonl (default: ../shared/data/spec_bench/question.jsonl)")
     spec.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])

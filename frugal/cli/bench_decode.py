@@ -1,4 +1,5 @@
-"""`frugal bench decode|prefill MODEL [--quantization] [--json]` and `frugal bench peers MODEL`."""
+"""`frugal bench decode|prefill MODEL [--quantization] [--json]`, `frugal bench peers MODEL` and
+`frugal bench quality MODEL` (perplexity of every quantization configuration)."""
 
 from __future__ import annotations
 
@@ -34,6 +35,8 @@ def add_decode_bench_parsers(bench_sub) -> None:
         parser.add_argument("--dtype", default="bfloat16", choices=["auto", "float32", "bfloat16"])
         parser.add_argument("--profile", action="store_true",
                             help="instead: split a decode step's time into kernels / attention / other ops / rest")
+        parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                            help="torch.compile the decode step (the warm-up run compiles it)")
         add_quant_options(parser, with_bits=False)
         parser.set_defaults(func=cmd_decode, bench_kind=kind)
 
@@ -49,6 +52,24 @@ def add_decode_bench_parsers(bench_sub) -> None:
     peers.add_argument("--work-dir", default=None, help="where the GGUF files go (default: a temp dir, reused)")
     peers.add_argument("--no-install", action="store_true", help="fail instead of pip-installing llama-cpp-python")
     peers.set_defaults(func=cmd_peers)
+
+    from frugal.cli.quantize import DEFAULT_CALIBRATION
+
+    quality = bench_sub.add_parser("quality", help="perplexity of fp32/bf16/INT8/INT4 (g32, g128, rtn, gptq)")
+    quality.add_argument("model", help="16-bit checkpoint directory")
+    quality.add_argument("--data", default=str(DEFAULT_CALIBRATION.with_name("test.txt")),
+                         help="evaluation text (default: WikiText-2 test)")
+    quality.add_argument("--calib-data", default=str(DEFAULT_CALIBRATION),
+                         help="GPTQ calibration text (default: WikiText-2 valid)")
+    quality.add_argument("--calib-samples", type=int, default=8)
+    quality.add_argument("--calib-seq-len", type=int, default=128)
+    quality.add_argument("--context-len", type=int, default=None)
+    quality.add_argument("--stride", type=int, default=None)
+    quality.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens")
+    quality.add_argument("--threads", type=int, default=None)
+    quality.add_argument("--out", default="benchmarks")
+    quality.add_argument("--name", default=None, help="file stem (default: quality_<model dir name>)")
+    quality.set_defaults(func=cmd_quality)
 
 
 def _command() -> str:
@@ -70,7 +91,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2))
         return 0
     results = run_bench(Path(args.model), quant, args.dtype, args.prompt_len, args.gen_len, args.repeats,
-                        args.threads, _command())
+                        args.threads, _command(), compile=args.compile)
     row = results["runs"][0]
     name = args.name or f"{args.bench_kind}_{Path(args.model).name}_{row['quantization'] or row['dtype']}"
     json_path, png_path = write_results(results, Path(args.out), name, Path(args.model).name)
@@ -105,5 +126,29 @@ def cmd_peers(args: argparse.Namespace) -> int:
                   f"roofline {100 * row['roofline_fraction']:5.1f}%")
         for name_, ratio in results["ratios"].items():
             print(f"{name_}: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratio.items()))
+    logger.info("wrote %s and %s", json_path, png_path)
+    return 0
+
+
+def cmd_quality(args: argparse.Namespace) -> int:
+    import torch
+
+    from frugal.bench.quality import plot_quality, run_quality
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model_dir = Path(args.model)
+    results = run_quality(args.model, Path(args.data), Path(args.calib_data), context_len=args.context_len,
+                          stride=args.stride, max_tokens=args.max_tokens, calib_samples=args.calib_samples,
+                          calib_seq_len=args.calib_seq_len)
+    results["command"] = _command()
+    name = args.name or f"quality_{model_dir.name}"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = out / f"{name}.json", out / f"{name}.png"
+    json_path.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    plot_quality(results, png_path, f"{model_dir.name}: perplexity change vs fp32 ({Path(args.data).name})")
+    for row in results["rows"]:
+        print(f"{row['config']:>22}: perplexity {row['perplexity']:10.3f}  {100 * row['vs_fp32']:+6.2f}%")
     logger.info("wrote %s and %s", json_path, png_path)
     return 0

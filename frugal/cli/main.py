@@ -39,11 +39,17 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-num-batched-tokens", type=int, default=2048)
     group.add_argument("--no-prefix-caching", action="store_true")
     group.add_argument("--attention-backend", default="auto", choices=["auto", "sdpa", "reference", "cpu"])
+    group.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                       help="torch.compile the CPU decode step (less Python per token, same output; the first "
+                            "decode step compiles for about a minute, cached on disk afterwards)")
     group.add_argument("--quantization", default=None, choices=["none", "int4", "int8"],
                        help="weight-only quantization applied while loading (default: none, or the checkpoint's own)")
     group.add_argument("--speculative", default=None, metavar="SPEC",
                        help="lossless speculative decoding: 'ngram:n=3,k=5' (prompt lookup) or 'draft:DIR,k=5' "
-                            "(a draft model sharing the vocabulary); option adaptive=off keeps k fixed")
+                            "(a draft model sharing the vocabulary); option adaptive=off keeps k fixed; 'medusa:DIR,nodes=12' "
+                            "(heads from `frugal train medusa`; typical=on is a lossy option); "
+                            "'tree:DIR,k=5,nodes=6,width=2' (LLMCad token tree from a draft model; overlap=1 drafts "
+                            "during verification)")
     from frugal.cli.policy_args import add_scheduling_args
 
     add_scheduling_args(parser)
@@ -66,6 +72,7 @@ def build_llm(args: argparse.Namespace):
         attention_backend=args.attention_backend,
         quantization=getattr(args, "quantization", None),
         speculative=getattr(args, "speculative", None),
+        compile=getattr(args, "compile", False),
         **scheduling_kwargs(args),
     )
 

@@ -1,4 +1,5 @@
-"""`frugal train ...`: tokenizer, lm (the decoder trainer) and eval (model-card numbers)."""
+"""`frugal train ...`: tokenizer, lm (the decoder trainer), eval (model-card numbers) and medusa
+(speculative decoding heads on a frozen model)."""
 
 from __future__ import annotations
 
@@ -48,6 +49,36 @@ def add_train_parser(sub) -> None:
     ev.add_argument("--write-card", action="store_true", help="write MODEL/README.md and MODEL/card.json")
     ev.set_defaults(func=cmd_eval)
 
+    md = train_sub.add_parser("medusa", help="train Medusa heads on a frozen model (speculative='medusa:DIR')")
+    md.add_argument("--model", required=True, help="the base model directory (Hugging Face checkpoint)")
+    md.add_argument("--data", nargs="+", required=True, help="training text: files, directories or globs")
+    md.add_argument("--out", default=None, help="where the heads go (default: the model directory)")
+    md.add_argument("--tokenizer", default=None, help="directory with tokenizer.json (default: the model's)")
+    md.add_argument("--heads", type=int, default=4, help="number of heads (tokens t+2 .. t+1+heads)")
+    md.add_argument("--layers", type=int, default=1, help="residual blocks per head")
+    md.add_argument("--head-lm", action="store_true",
+                    help="give each head its own vocabulary projection (Medusa-1; default: share the base LM head)")
+    md.add_argument("--steps", type=int, default=300)
+    md.add_argument("--batch-size", type=int, default=8)
+    md.add_argument("--seq-len", type=int, default=256)
+    md.add_argument("--lr", type=float, default=1e-3)
+    md.add_argument("--warmup-steps", type=int, default=20)
+    md.add_argument("--head-decay", type=float, default=0.8, help="head k's loss weight is DECAY**k")
+    md.add_argument("--distill", choices=("soft", "hard"), default="soft",
+                    help="soft: KL to the base model's shifted distribution; hard: CE to its argmax")
+    md.add_argument("--eval-batches", type=int, default=16, help="held-out batches for the saved statistics")
+    md.add_argument("--val-every", type=int, default=50, help="every N-th block of the token stream is held out")
+    md.add_argument("--val-block-tokens", type=int, default=16384, help="block size of the held-out split")
+    md.add_argument("--self-distill", type=int, default=0, metavar="N",
+                    help="train on N sequences the model generates itself from training-text prefixes (Medusa-2)")
+    md.add_argument("--init", default=None, help="start from heads saved in this directory")
+    md.add_argument("--seed", type=int, default=0)
+    md.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    md.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    md.add_argument("--cache-dir", default=None, help="token cache (default ~/.cache/frugal/train_tokens)")
+    md.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
+    md.set_defaults(func=cmd_medusa)
+
 
 def _set_threads(threads: int | None) -> None:
     if threads is not None:
@@ -93,4 +124,28 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.write_card:
         write_card(Path(args.model), report)
     print(json.dumps(report, indent=2))
+    return 0
+
+
+def cmd_medusa(args: argparse.Namespace) -> int:
+    from frugal.train.medusa import MedusaTrainConfig, MedusaTrainer
+
+    logging.getLogger("frugal.train").setLevel(logging.INFO)
+    _set_threads(args.threads)
+    config = MedusaTrainConfig(num_heads=args.heads, num_layers=args.layers, shared_lm_head=not args.head_lm,
+                               steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
+                               min_lr=min(args.lr, 1e-4), warmup_steps=args.warmup_steps,
+                               head_decay=args.head_decay, distill=args.distill, seed=args.seed,
+                               eval_batches=args.eval_batches, val_every=args.val_every,
+                               val_block_tokens=args.val_block_tokens, self_distill=args.self_distill,
+                               init_from=args.init)
+    command = "frugal " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    trainer = MedusaTrainer(args.model, args.data, config, out_dir=args.out, tokenizer_dir=args.tokenizer,
+                            device=args.device, cache_dir=Path(args.cache_dir) if args.cache_dir else None,
+                            progress_bar=False if args.no_progress else None, command=command)
+    summary = trainer.train()
+    out = trainer.save()
+    heldout = {k: v for k, v in (summary["heldout"] or {}).items() if k != "rank_accuracy"}
+    shown = {k: v for k, v in summary.items() if k not in ("config", "data_files", "heldout")}
+    print(json.dumps({"out": str(out), **shown, "heldout": heldout}, indent=2))
     return 0

@@ -149,7 +149,7 @@ class Scheduler:
         """Mark finished, free its blocks in both tiers, forget it, and report it in the next output."""
         request.status = status
         request.finished_time = self.clock()
-        request.spec_token_ids.clear()
+        request.clear_spec_tokens()
         self.kv_cache_manager.free(request)
         self.swap.free(request)
         del self.requests[request.request_id]
@@ -162,7 +162,7 @@ class Scheduler:
         self.kv_cache_manager.free(request)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
-        request.spec_token_ids.clear()
+        request.clear_spec_tokens()
         request.num_preemptions += 1
         self.num_preemptions += 1
         self.policy.add_preempted(self.waiting, request)
@@ -172,7 +172,7 @@ class Scheduler:
     def _swap_out(self, request: Request, output: SchedulerOutput) -> None:
         """Preempt by swapping: the KV moves to the slow tier, the progress is kept."""
         self.running.remove(request)
-        request.spec_token_ids.clear()  # drafts may not be computed past num_computed_tokens
+        request.clear_spec_tokens()  # drafts may not be computed past num_computed_tokens
         output.swap_out_blocks.extend(self.swap.swap_out(request))
         output.swapped_out_request_ids.append(request.request_id)
         request.status = RequestStatus.SWAPPED
@@ -204,10 +204,13 @@ class Scheduler:
         end_pos = start_pos + num_new_tokens
         num_known = max(0, min(end_pos, request.num_tokens) - start_pos)
         spec_token_ids = request.spec_token_ids[:num_new_tokens - num_known]
+        # A token tree cut to its first nodes is still a tree (parents precede their children).
+        spec_parent_ids = (request.spec_parent_ids[:len(spec_token_ids)]
+                           if request.spec_parent_ids is not None and spec_token_ids else None)
         token_ids = request.all_token_ids[start_pos:start_pos + num_known] + spec_token_ids
         return ScheduledRequest(request=request, start_pos=start_pos, num_new_tokens=num_new_tokens,
                                 token_ids=token_ids, block_ids=block_ids, spec_token_ids=spec_token_ids,
-                                needs_sample=end_pos >= request.num_tokens)
+                                needs_sample=end_pos >= request.num_tokens, spec_parent_ids=spec_parent_ids)
 
     def schedule(self) -> SchedulerOutput:
         now = self.clock()
@@ -252,13 +255,14 @@ class Scheduler:
                 # The runner did not sample it: recompute the last known position next step.
                 logger.warning("no token sampled for %s; recomputing its last position", request.request_id)
                 request.num_computed_tokens = min(request.num_computed_tokens, request.num_tokens - 1)
-                request.spec_token_ids.clear()
+                request.clear_spec_tokens()
                 continue
             assert len(sampled_token_ids) <= num_spec + 1, \
                 f"{request.request_id}: {len(sampled_token_ids)} tokens accepted from {num_spec} speculative"
-            # Rejected speculative positions hold wrong K/V: compute them again.
+            # Rejected speculative positions hold wrong K/V: compute them again. For a token tree the
+            # runner has moved the accepted path's K/V to the first positions after the root.
             request.num_computed_tokens -= num_spec + 1 - len(sampled_token_ids)
-            request.spec_token_ids.clear()
+            request.clear_spec_tokens()
             for token_id in sampled_token_ids:
                 request.append_output_token_ids([token_id])
                 if request.first_token_time is None:

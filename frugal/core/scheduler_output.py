@@ -17,7 +17,10 @@ class ScheduledRequest:
     The runner computes `token_ids` at positions `start_pos .. start_pos + num_new_tokens - 1`,
     writing their K/V into the slots given by `block_ids` (the request's whole block table after this
     step's allocation). When `needs_sample` is true the last position's logits are sampled (for
-    speculative steps: the last `1 + len(spec_token_ids)` positions are verified).
+    speculative steps: the last `1 + len(spec_token_ids)` positions are verified). With
+    `spec_parent_ids` the candidates are a token tree (spec/proposer.py): they still occupy the KV
+    slots of the positions after the root in node order, but each is computed at position
+    root + depth and sees only its ancestors.
     """
 
     request: Request
@@ -27,6 +30,8 @@ class ScheduledRequest:
     block_ids: list[int]
     spec_token_ids: list[int] = field(default_factory=list)
     needs_sample: bool = True
+    # [len(spec_token_ids)] parent node of each candidate (0 = root); None = a chain.
+    spec_parent_ids: list[int] | None = None
 
     @property
     def request_id(self) -> str:

@@ -119,9 +119,10 @@ class EngineCore:
         self.spec = build_spec_decoder(config.speculative, target_arch=self.arch, dtype=self.dtype,
                                        device=self.device, block_size=block_size, num_blocks=num_blocks,
                                        max_num_seqs=config.scheduler.max_num_seqs, max_model_len=self.max_model_len,
-                                       attention_backend=model_config.attention_backend)
+                                       attention_backend=model_config.attention_backend, target_model=self.model)
         self.runner = ModelRunner(self.model, self.kv_caches, block_size, self.device, self.swapper,
-                                  verifier=self.spec.verify)
+                                  verifier=self.spec.verify, hidden_state_observer=self.spec.hidden_state_observer,
+                                  model_forward=self._compiled_forward(model_config.compile))
         self.scheduler = build_scheduler(scheduler_config, config.cache, num_blocks, self.runner, self.swapper,
                                          self.arch.vocab_size, self.max_model_len, clock=clock,
                                          metadata={"model": str(self.model_dir), "device": str(self.device),
@@ -131,6 +132,20 @@ class EngineCore:
         self.stats = EngineStats()
         logger.info("engine ready: %s, %s on %s, %d KV blocks of %d tokens, max_model_len %d",
                     self.arch.architecture, self.dtype, self.device, num_blocks, block_size, self.max_model_len)
+
+    def _compiled_forward(self, enabled: bool):
+        """The runner's forward: None (the eager model), or the torch.compile'd decode step when
+        `compile` is on and this model and backend support it (else a warning, and eager)."""
+        if not enabled:
+            return None
+        from frugal.runner.compiled_decode import CompiledDecode, compile_supported
+
+        reason = compile_supported(self.model)
+        if reason is not None:
+            logger.warning("compile requested but not used: %s; running eagerly", reason)
+            return None
+        logger.info("decode steps will run torch.compile'd (the first decode step compiles; ~1 min cold)")
+        return CompiledDecode(self.model)
 
     def _resolve_max_model_len(self) -> int:
         limit = self.arch.max_position_embeddings

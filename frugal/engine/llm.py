@@ -50,18 +50,22 @@ class LLM:
         revision: str | None = None,
         quantization: str | QuantConfig | None = None,
         speculative: str | SpecConfig | None = None,
+        compile: bool = False,
     ):
         """`quantization`: None, 'int4' (group 32, symmetric, INT8 embedding and LM head), 'int8' or a
         `QuantConfig` — a 16-bit checkpoint is quantized while it loads; a `frugal quantize` checkpoint
         loads with its own settings whatever this says (a conflicting request is a ConfigError).
         `speculative`: None, 'ngram:n=3,k=5' (prompt lookup), 'draft:DIR,k=5' (a draft model) or a
         `SpecConfig` - lossless speculative decoding (frugal.spec); per-request stats arrive in
-        `RequestOutput.metrics.spec`."""
+        `RequestOutput.metrics.spec`.
+        `compile`: run CPU decode steps through torch.compile (Inductor, C++ wrapper): less Python per
+        token, same output; the first decode step compiles (about a minute; cached on disk)."""
         config = EngineConfig(
             quant=QuantConfig.create(quantization),
             speculative=SpecConfig.parse(speculative),
             model=ModelConfig(model=str(model), dtype=dtype, device=device, revision=revision,
-                              max_model_len=max_model_len, seed=seed, attention_backend=attention_backend),
+                              max_model_len=max_model_len, seed=seed, attention_backend=attention_backend,
+                              compile=compile),
             cache=CacheConfig(block_size=block_size, kv_cache_memory_bytes=parse_memory(kv_cache_memory),
                               enable_prefix_caching=enable_prefix_caching,
                               swap_space_bytes=parse_memory(swap_space) if swap_space else 0, swap_path=swap_path),

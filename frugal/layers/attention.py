@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from frugal.layers.attention_backends import AttentionBackend
-from frugal.layers.attention_metadata import AttentionMetadata
+from frugal.layers.attention_metadata import AttentionMetadata, DecodeTensors
 
 
 def write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
@@ -39,14 +39,24 @@ class Attention(nn.Module):
         self.backend = backend
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
-                attn_metadata: AttentionMetadata) -> torch.Tensor:
+                attn_metadata: AttentionMetadata | DecodeTensors) -> torch.Tensor:
         """query [n, H*D] or [n, H, D]; key/value [n, Hkv*D] or [n, Hkv, D] -> [n, H*D]."""
         num_tokens = query.shape[0]
         query = query.view(num_tokens, self.num_heads, self.head_dim)
         key = key.view(num_tokens, self.num_kv_heads, self.head_dim)
         value = value.view(num_tokens, self.num_kv_heads, self.head_dim)
+        if isinstance(attn_metadata, DecodeTensors):  # the compiled decode step (cpu backend)
+            return self._decode_ops(query, key, value, kv_cache, attn_metadata)
         write_kv_cache(key, value, kv_cache, attn_metadata.slot_mapping)
         return self.backend.forward(query, kv_cache, attn_metadata, self.scale, self.sliding_window)
+
+    def _decode_ops(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+                    md: DecodeTensors) -> torch.Tensor:
+        """The cpu backend's decode path as two dispatcher ops (traceable by torch.compile)."""
+        torch.ops.frugal.write_kv_cache(kv_cache, key, value, md.slot_mapping)
+        out = torch.ops.frugal.paged_attention_decode(query, kv_cache, md.block_tables, md.seq_lens, self.scale,
+                                                      self.sliding_window or 0)  # [n, H, D]
+        return out.view(query.shape[0], self.num_heads * self.head_dim)
 
     def extra_repr(self) -> str:
         return (f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "

@@ -11,6 +11,7 @@ Token t's new K/V is written to flat slot `slot_mapping[t] = block_id * block_si
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -47,3 +48,13 @@ class AttentionMetadata:
     @property
     def is_decode_only(self) -> bool:
         return self.max_query_len == 1 and self.tree_masks is None
+
+
+class DecodeTensors(NamedTuple):
+    """A decode-only step's metadata as tensors only (one query row per request, no tree masks): what
+    the compiled decode step (frugal.runner.compiled_decode) passes to attention instead of
+    AttentionMetadata, whose Python lists Dynamo would guard on."""
+
+    slot_mapping: torch.Tensor  # [num_reqs] int64
+    block_tables: torch.Tensor  # [num_reqs, max_num_blocks] int64, padded with 0
+    seq_lens: torch.Tensor      # [num_reqs] int64, including this step's token

@@ -10,7 +10,9 @@ reads it from this frozen dataclass, never from the raw JSON. Both the transform
   `SUPPORTED_ROPE_TYPES` minus 'default', holding that type's parameters;
 - `sliding_window` is None when the checkpoint disables it; `layer_sliding_window(i)` gives the window
   a given layer actually uses (Qwen2 applies it to some layers only);
-- `eos_token_ids` is a tuple (possibly empty).
+- `eos_token_ids` is a tuple (possibly empty);
+- `num_local_experts` is 0 for a dense model; for a mixture of experts (Mixtral) it is >= 1 and
+  `1 <= num_experts_per_tok <= num_local_experts`.
 """
 
 from __future__ import annotations
@@ -25,9 +27,10 @@ from frugal.errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM", "Qwen2ForCausalLM")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
-SUPPORTED_ACTIVATIONS = ("silu",)
+# Gated MLP activations (frugal.layers.activation.GATED_ACTIVATIONS): SwiGLU, ReGLU, GeGLU.
+SUPPORTED_ACTIVATIONS = ("silu", "relu", "gelu", "gelu_pytorch_tanh")
 _REQUIRED_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
 
 
@@ -57,6 +60,9 @@ class ArchConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     torch_dtype: str | None = None
+    # Mixture of experts (Mixtral): experts per layer (0 = dense MLP) and experts routed per token.
+    num_local_experts: int = 0
+    num_experts_per_tok: int = 0
 
     @property
     def rope_type(self) -> str:
@@ -129,6 +135,8 @@ def parse_arch_config(raw: dict[str, Any]) -> ArchConfig:
             raise ModelLoadError(
                 f"layer_types has {len(layer_types)} entries but num_hidden_layers is {raw['num_hidden_layers']}")
 
+    num_experts, experts_per_tok = _parse_moe(raw, architecture)
+
     eos = raw.get("eos_token_id")
     eos_token_ids = () if eos is None else tuple(int(e) for e in eos) if isinstance(eos, list) else (int(eos),)
     dtype = raw.get("torch_dtype", raw.get("dtype"))
@@ -157,7 +165,23 @@ def parse_arch_config(raw: dict[str, Any]) -> ArchConfig:
         bos_token_id=None if raw.get("bos_token_id") is None else int(raw["bos_token_id"]),
         eos_token_ids=eos_token_ids,
         torch_dtype=None if dtype is None else str(dtype).removeprefix("torch."),
+        num_local_experts=num_experts,
+        num_experts_per_tok=experts_per_tok,
     )
+
+
+def _parse_moe(raw: dict[str, Any], architecture: str) -> tuple[int, int]:
+    """-> (num_local_experts, num_experts_per_tok); (0, 0) for a dense architecture."""
+    if architecture != "MixtralForCausalLM":
+        return 0, 0
+    for name in ("num_local_experts", "num_experts_per_tok"):
+        if raw.get(name) is None:
+            raise ModelLoadError(f"missing required field {name!r}")
+    num_experts, per_tok = _int(raw, "num_local_experts"), _int(raw, "num_experts_per_tok")
+    if num_experts < 1 or not 1 <= per_tok <= num_experts:
+        raise ModelLoadError(f"num_experts_per_tok ({per_tok}) must be between 1 and num_local_experts "
+                             f"({num_experts})")
+    return num_experts, per_tok
 
 
 def _int(raw: dict[str, Any], name: str) -> int:

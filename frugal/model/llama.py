@@ -5,12 +5,14 @@ The model sees a flat batch: `input_ids [num_tokens]`, `positions [num_tokens]`,
 per layer and the step's AttentionMetadata. It knows nothing about requests. Parameters use the
 fused layout (`qkv_proj`, `gate_up_proj`); `load_weights` maps transformers' checkpoint names onto
 it and raises ModelLoadError naming any checkpoint weight the model needs but did not receive.
+Subclasses reuse everything but the feed-forward block (`build_mlp`) and its checkpoint names
+(`checkpoint_shards` / `param_target`): see `frugal.model.mixtral`.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -79,11 +81,14 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
+    """`mlp`: the feed-forward block ([n, hidden] -> [n, hidden]); the dense gated MLP by default, a
+    mixture of experts for Mixtral."""
+
     def __init__(self, arch: ArchConfig, layer_idx: int, backend: AttentionBackend, rotary_emb: RotaryEmbedding,
-                 linear_method: LinearMethod | None = None) -> None:
+                 linear_method: LinearMethod | None = None, mlp: nn.Module | None = None) -> None:
         super().__init__()
         self.self_attn = LlamaAttention(arch, layer_idx, backend, rotary_emb, linear_method)
-        self.mlp = LlamaMLP(arch, linear_method)
+        self.mlp = mlp if mlp is not None else LlamaMLP(arch, linear_method)
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
 
@@ -102,14 +107,16 @@ class LlamaDecoderLayer(nn.Module):
 
 class LlamaModel(nn.Module):
     def __init__(self, arch: ArchConfig, backend: AttentionBackend, max_position: int,
-                 linear_method: LinearMethod | None = None, embedding_method: EmbeddingMethod | None = None) -> None:
+                 linear_method: LinearMethod | None = None, embedding_method: EmbeddingMethod | None = None,
+                 make_mlp: Callable[[int], nn.Module] | None = None) -> None:
         super().__init__()
         self.embed_tokens = VocabEmbedding(arch.vocab_size, arch.hidden_size, embedding_method=embedding_method)
         # One cos/sin cache [max_position, head_dim] for all layers.
         self.rotary_emb = RotaryEmbedding(arch.head_dim, max_position, arch.rope_theta, arch.rope_scaling,
                                           arch.max_position_embeddings)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(arch, i, backend, self.rotary_emb, linear_method)
-                                    for i in range(arch.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(arch, i, backend, self.rotary_emb, linear_method, make_mlp and make_mlp(i))
+            for i in range(arch.num_hidden_layers))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
@@ -133,7 +140,8 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.arch = arch
         self.max_position = max_position or arch.max_position_embeddings
-        self.model = LlamaModel(arch, attention_backend, self.max_position, linear_method, embedding_method)
+        self.model = LlamaModel(arch, attention_backend, self.max_position, linear_method, embedding_method,
+                                lambda i: self.build_mlp(arch, i, linear_method))
         self.lm_head = LMHead(arch.vocab_size, arch.hidden_size, linear_method=lm_head_method)
         if arch.tie_word_embeddings:
             self.lm_head.tie_to(self.model.embed_tokens)
@@ -147,12 +155,27 @@ class LlamaForCausalLM(nn.Module):
         """hidden_states [n, hidden] -> logits [n, vocab_size] float32."""
         return self.lm_head(hidden_states)
 
+    def build_mlp(self, arch: ArchConfig, layer_idx: int, linear_method: LinearMethod | None) -> nn.Module:
+        """Layer `layer_idx`'s feed-forward block (subclasses with another MLP override this)."""
+        return LlamaMLP(arch, linear_method)
+
+    def checkpoint_shards(self, param_name: str) -> list[str]:
+        """The checkpoint tensor names that load into parameter `param_name`."""
+        shards = [param_name.replace(fused, ckpt) for fused, ckpt, _ in STACKED_PARAMS if f".{fused}." in param_name]
+        return shards or [param_name]
+
+    def param_target(self, name: str) -> tuple[str, object]:
+        """Checkpoint tensor `name` -> (parameter name, shard id or None)."""
+        for fused, ckpt, sid in STACKED_PARAMS:
+            if f".{ckpt}." in name:
+                return name.replace(ckpt, fused), sid
+        return name, None
+
     def checkpoint_names(self) -> set[str]:
         """The transformers checkpoint tensor names this model needs (lm_head excluded when tied)."""
         names = set()
         for name, _ in self.named_parameters():  # tied parameters are listed once
-            shards = [name.replace(fused, ckpt) for fused, ckpt, _ in STACKED_PARAMS if f".{fused}." in name]
-            names.update(shards or [name])
+            names.update(self.checkpoint_shards(name))
         return names
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
@@ -170,11 +193,7 @@ class LlamaForCausalLM(nn.Module):
                 continue
             if name == "lm_head.weight" and self.arch.tie_word_embeddings:
                 continue  # some tied checkpoints store a copy; the embedding is authoritative
-            target, shard_id = name, None
-            for fused, ckpt, sid in STACKED_PARAMS:
-                if f".{ckpt}." in name:
-                    target, shard_id = name.replace(ckpt, fused), sid
-                    break
+            target, shard_id = self.param_target(name)
             param = params.get(target)
             if param is None:
                 skipped.append(name)

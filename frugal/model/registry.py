@@ -11,10 +11,12 @@ from torch import nn
 from frugal.errors import ModelLoadError
 from frugal.model.arch_config import SUPPORTED_ARCHITECTURES
 from frugal.model.llama import LlamaForCausalLM
+from frugal.model.mixtral import MixtralForCausalLM
 
 _MODEL_CLASSES: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,      # Llama 1/2/3/3.1/3.2, SmolLM
     "MistralForCausalLM": LlamaForCausalLM,    # + sliding window
+    "MixtralForCausalLM": MixtralForCausalLM,  # + sparse mixture-of-experts MLP
     "Qwen2ForCausalLM": LlamaForCausalLM,      # + q/k/v bias
 }
 assert set(_MODEL_CLASSES) == set(SUPPORTED_ARCHITECTURES), "arch_config and registry disagree"

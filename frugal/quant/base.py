@@ -12,8 +12,8 @@ parameters by `QuantizedLinearMethod.create_weights`, each row-shardable by the 
 
 Both go through `quantize_stream`'s naming (`<weight name minus .weight>.qweight|scales|qzeros`), so a
 checkpoint written by `frugal quantize` loads bit-identically to quantizing at load.
-Quantized: every 2-D `.weight` inside `model.layers.*` (the projections), and the embedding / LM head
-when their bits are 8. A tied embedding/head is one tensor and follows `lm_head_bits`.
+Quantized: every 2-D `.weight` inside `model.layers.*` (the projections) except MoE routers, and the
+embedding / LM head when their bits are 8. A tied embedding/head is one tensor and follows `lm_head_bits`.
 """
 
 from __future__ import annotations
@@ -139,8 +139,15 @@ def resolve_quantization(requested: QuantConfig | None, model_dir: Path | str) -
     return stored, True
 
 
+def is_moe_router(name: str) -> bool:
+    """A mixture-of-experts router (`...block_sparse_moe.gate.weight`): kept 16-bit, as llama.cpp does,
+    since rounding it flips discrete expert choices; it is tiny ([num_experts, hidden])."""
+    return name.endswith((".block_sparse_moe.gate.weight", ".mlp.gate.weight"))
+
+
 def is_decoder_linear(name: str, tensor: torch.Tensor) -> bool:
-    return name.startswith("model.layers.") and name.endswith(".weight") and tensor.dim() == 2
+    return (name.startswith("model.layers.") and name.endswith(".weight") and tensor.dim() == 2
+            and not is_moe_router(name))
 
 
 def quantize_tensor(name: str, tensor: torch.Tensor, config: QuantConfig, tied: bool,

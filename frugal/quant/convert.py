@@ -50,6 +50,9 @@ def quantize_checkpoint(model_dir: Path | str, out_dir: Path | str, config: Quan
     if config.method == "gptq":
         if calibration is None:
             raise ConfigError("method 'gptq' needs calibration data")
+        if arch.num_local_experts:  # GPTQ here calibrates the dense Llama MLP's projections only
+            raise ConfigError(f"method 'gptq' does not support mixture-of-experts models ({arch.architecture}); "
+                              "use round-to-nearest (method 'rtn')")
         precomputed = run_gptq(model_dir, arch, config, calibration, progress)
 
     tensors: dict[str, torch.Tensor] = {}

@@ -24,4 +24,5 @@ class CpuDenseLinearMethod(UnquantizedLinearMethod):
         self.max_gemv_rows = max_gemv_rows
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return self.ops.bf16_linear(x, layer.weight, bias, self.max_gemv_rows)
+        ops = torch.ops.frugal if torch.compiler.is_compiling() else self.ops  # dispatcher op: traceable
+        return ops.bf16_linear(x, layer.weight, bias, self.max_gemv_rows)

@@ -117,9 +117,18 @@ def pack_int4(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_
                       zeros.contiguous() if scheme == "asym" else None, in_features)
 
 
+QUANTIZE_ROWS_PER_CHUNK = 1024  # rows rounded at once: bounds the float32 temporaries (~5 x rows x K x 4 bytes)
+
+
 def quantize_int4(weight: torch.Tensor, group_size: int = 32, scheme: str = "sym") -> Int4Weight:
-    """Round-to-nearest INT4 of weight [N, K] (any float dtype)."""
+    """Round-to-nearest INT4 of weight [N, K] (any float dtype). Rows are independent, so a large
+    tensor (an embedding) is rounded in chunks of rows: same result, a fraction of the peak memory."""
     n, k = weight.shape
+    if n > QUANTIZE_ROWS_PER_CHUNK:
+        parts = [quantize_int4(weight[i:i + QUANTIZE_ROWS_PER_CHUNK], group_size, scheme)
+                 for i in range(0, n, QUANTIZE_ROWS_PER_CHUNK)]
+        return Int4Weight(torch.cat([p.qweight for p in parts]), torch.cat([p.scales for p in parts]),
+                          None if scheme == "sym" else torch.cat([p.qzeros for p in parts]), k)
     scales, zeros = int4_group_params(weight, group_size, scheme)
     w = weight.float()
     q = round_to_grid(w, expand_groups(scales, group_size, k), expand_groups(zeros, group_size, k))
@@ -213,7 +222,8 @@ class Int4LinearMethod(QuantizedLinearMethod):
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.backend == "cpu":
-            return self.ops.int4_linear(x, layer.qweight, layer.scales, getattr(layer, "qzeros", None),
+            ops = torch.ops.frugal if torch.compiler.is_compiling() else self.ops  # dispatcher op: traceable
+            return ops.int4_linear(x, layer.qweight, layer.scales, getattr(layer, "qzeros", None),
                                         self.group_size, bias, self.max_gemv_rows)
         if self.backend == "cuda":
             from frugal.quant.cuda import tinygemm_linear

@@ -27,8 +27,15 @@ class Int8Weight:
         return {"qweight": self.qweight, "scales": self.scales}
 
 
+QUANTIZE_ROWS_PER_CHUNK = 4096  # rows rounded at once: bounds the float32 temporaries
+
+
 def quantize_int8(weight: torch.Tensor) -> Int8Weight:
-    """Round-to-nearest per-row INT8 of weight [N, K]."""
+    """Round-to-nearest per-row INT8 of weight [N, K]; large tensors in chunks of rows (same result)."""
+    if weight.shape[0] > QUANTIZE_ROWS_PER_CHUNK:
+        parts = [quantize_int8(weight[i:i + QUANTIZE_ROWS_PER_CHUNK])
+                 for i in range(0, weight.shape[0], QUANTIZE_ROWS_PER_CHUNK)]
+        return Int8Weight(torch.cat([p.qweight for p in parts]), torch.cat([p.scales for p in parts]))
     w = weight.float()
     scales = w.abs().amax(dim=1) / 127.0  # [N]
     scales = torch.where(scales == 0, torch.ones_like(scales), scales)
@@ -62,7 +69,8 @@ class Int8LinearMethod(QuantizedLinearMethod):
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.backend == "cpu":
-            return self.ops.int8_linear(x, layer.qweight, layer.scales, bias, self.max_gemv_rows)
+            ops = torch.ops.frugal if torch.compiler.is_compiling() else self.ops  # dispatcher op: traceable
+            return ops.int8_linear(x, layer.qweight, layer.scales, bias, self.max_gemv_rows)
         return F.linear(x, dequantize_int8(layer.qweight, layer.scales).to(x.dtype), bias)
 
     def canonical(self, layer: nn.Module) -> dict[str, torch.Tensor]:

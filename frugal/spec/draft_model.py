@@ -22,6 +22,7 @@ from frugal.core.scheduler_output import ScheduledRequest, SchedulerOutput
 from frugal.request import Request
 from frugal.runner.input_builder import build_model_input
 from frugal.spec.proposer import Proposal, Proposer
+from frugal.spec.token_tree import draft_seed
 from frugal.spec.verify import sampling_probs
 
 logger = logging.getLogger(__name__)
@@ -98,7 +99,10 @@ class DraftModelProposer(Proposer):
             sequence = self._sequences.get(request.request_id)
             if sequence is None:
                 seed = request.sampling_params.seed
-                generator = None if seed is None else torch.Generator(device=self.device).manual_seed(seed)
+                # Never the request's own seed: that seeds the target's acceptance coins, and equal
+                # streams would correlate each draw with its acceptance test (a biased output).
+                generator = (None if seed is None
+                             else torch.Generator(device=self.device).manual_seed(draft_seed(seed, 0)))
                 sequence = self._sequences[request.request_id] = _DraftSequence(request.request_id, generator=generator)
             keep = min(_common_prefix(sequence.token_ids[: sequence.num_computed_tokens], known), len(known) - 1)
             sequence.num_computed_tokens = keep

@@ -30,6 +30,15 @@ MODEL_CASES = {
     "mistral_swa": ("MistralConfig", dict(sliding_window=8), None, (5, 40)),
     "qwen2": ("Qwen2Config", {}, None, (5, 40)),
     "qwen2_swa": ("Qwen2Config", dict(use_sliding_window=True, sliding_window=8, max_window_layers=1), None, (5, 40)),
+    # ReGLU / GeGLU MLPs: relu(gate) * up (ReluLLaMA), gelu(gate) * up.
+    "llama_relu": ("LlamaConfig", dict(hidden_act="relu"), None, (5, 40)),
+    "llama_gelu_tanh": ("LlamaConfig", dict(hidden_act="gelu_pytorch_tanh"), None, (5, 40)),
+    # Sparse mixture of experts: 4 experts top-2 with tied embeddings (the zoo's moe shape), and 5 experts
+    # top-3 with a sliding window.
+    "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=True), None,
+                (5, 40)),
+    "mixtral_swa": ("MixtralConfig", dict(num_local_experts=5, num_experts_per_tok=3, sliding_window=8), None,
+                    (5, 40)),
 }
 MAX_LEN = 40
 
@@ -54,6 +63,8 @@ def _randomize(model: torch.nn.Module) -> None:
                 param.normal_(0.0, 0.1)
             elif "norm" in name:
                 param.copy_(1.0 + 0.1 * torch.randn_like(param))
+            elif name.endswith(".gate.weight"):  # MoE router: decisive routing, no near-ties in top-k
+                param.mul_(20.0)
 
 
 def build_checkpoint(name: str, directory: Path, **save_kwargs) -> TinyCheckpoint:

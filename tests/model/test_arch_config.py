@@ -64,6 +64,28 @@ def test_invalid_fields():
 
 
 def test_registry():
-    assert set(supported_architectures()) == {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"}
+    assert set(supported_architectures()) == {"LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM",
+                                              "Qwen2ForCausalLM"}
     with pytest.raises(ModelLoadError, match="unknown architecture 'Foo'"):
         get_model_class("Foo")
+
+
+def test_gated_activations():
+    assert parse().hidden_act == "silu"
+    for name in ("relu", "gelu", "gelu_pytorch_tanh"):
+        assert parse(hidden_act=name).hidden_act == name
+    with pytest.raises(ModelLoadError, match="unsupported hidden_act 'swish'"):
+        parse(hidden_act="swish")
+
+
+def test_mixtral_fields():
+    arch = parse("MixtralForCausalLM", num_local_experts=8, num_experts_per_tok=2, sliding_window=None)
+    assert (arch.num_local_experts, arch.num_experts_per_tok, arch.sliding_window) == (8, 2, None)
+    assert parse("MixtralForCausalLM", num_local_experts=8, num_experts_per_tok=2,
+                 sliding_window=4096).layer_sliding_window(1) == 4096
+    assert parse().num_local_experts == 0 and parse().num_experts_per_tok == 0  # dense
+    assert parse(num_local_experts=8).num_local_experts == 0  # only Mixtral reads the MoE fields
+    with pytest.raises(ModelLoadError, match="num_experts_per_tok"):
+        parse("MixtralForCausalLM", num_local_experts=8)
+    with pytest.raises(ModelLoadError, match=r"num_experts_per_tok \(3\) must be between 1 and num_local_experts"):
+        parse("MixtralForCausalLM", num_local_experts=2, num_experts_per_tok=3)

@@ -1,5 +1,6 @@
-"""Our Llama/Mistral/Qwen2 logits match transformers' full-sequence logits (fp32) however the
-sequence is fed: one prefill, prefill chunks then decodes, or batched with another sequence."""
+"""Our Llama/Mistral/Qwen2/Mixtral (and ReGLU/GeGLU Llama) logits match transformers' full-sequence
+logits (fp32) however the sequence is fed: one prefill, prefill chunks then decodes, or batched with
+another sequence."""
 
 from __future__ import annotations
 
@@ -64,7 +65,8 @@ def test_prefill_and_chunked_match_transformers(tiny_checkpoint, name, backend):
 
 
 @pytest.mark.parametrize("backend", ["reference", "sdpa"])
-@pytest.mark.parametrize("name", ["llama", "mistral_swa", "qwen2_swa", "llama_dynamic_rope"])
+@pytest.mark.parametrize("name", ["llama", "mistral_swa", "qwen2_swa", "llama_dynamic_rope", "llama_relu",
+                                  "mixtral", "mixtral_swa"])
 def test_two_sequences_in_one_batch(tiny_checkpoint, name, backend):
     """Mixed steps (prefill chunk + 1-token row, decode + chunk) and decode-only steps, with
     interleaved, non-contiguous block tables."""

@@ -127,8 +127,8 @@ def test_unknown_architecture_and_bad_fields(llama_dir, tmp_path):
     _write_config(directory, architectures=["LlamaForCausalLM"], hidden_size=None)
     with pytest.raises(ModelLoadError, match="missing required field 'hidden_size'"):
         load_arch_config(directory)
-    _write_config(directory, hidden_size=64, hidden_act="gelu")
-    with pytest.raises(ModelLoadError, match="unsupported hidden_act 'gelu'"):
+    _write_config(directory, hidden_size=64, hidden_act="gelu_new")
+    with pytest.raises(ModelLoadError, match="unsupported hidden_act 'gelu_new'"):
         load_arch_config(directory)
     _write_config(directory, hidden_act="silu", rope_parameters={"rope_type": "yarn", "factor": 4.0})
     with pytest.raises(ModelLoadError, match="unsupported rope scaling type 'yarn'"):

@@ -1,5 +1,6 @@
 """Our CPU kernels (`csrc/int4_cpu.cpp`, `csrc/dense_cpu.cpp`: INT4/INT8/BF16 linear; `csrc/fused_cpu.cpp`:
-RMSNorm, rotary, SiLU-and-mul and decode attention as `torch.ops.frugal.*`), compiled once as a torch
+RMSNorm, rotary, SiLU-and-mul and decode attention as `torch.ops.frugal.*`; `csrc/dispatcher_ops.cpp`: the
+linears and the paged KV write as `torch.ops.frugal.*` too, for torch.compile), compiled once as a torch
 extension, with a pure-PyTorch fallback.
 
 `cpu_kernels()` returns the compiled module, or None when it cannot be built here (no compiler, not
@@ -22,7 +23,8 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 _CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = [_CSRC / name for name in ("module.cpp", "int4_cpu.cpp", "dense_cpu.cpp", "fused_cpu.cpp")]
+SOURCES = [_CSRC / name for name in ("module.cpp", "int4_cpu.cpp", "dense_cpu.cpp", "fused_cpu.cpp",
+                                       "dispatcher_ops.cpp")]
 HEADERS = [_CSRC / name for name in ("common.h", "work_sharing.h")]
 EXTENSION_NAME = "frugal_cpu_kernels"
 # -fopenmp: at::parallel_for is inline OpenMP, so without it every kernel would run on one thread (the
