@@ -89,9 +89,11 @@ def measure_frugal(model_dir: Path | str, quantization=None, dtype: str = "bfloa
 
 def run_bench(model_dir: Path, quantization, dtype: str, prompt_len: int, gen_len: int, repeats: int, threads: int,
               command: str, compile: bool = False) -> dict:
-    from frugal.bench.roofline import measure_bandwidth, roofline_fraction
+    from frugal.bench.roofline import roofline_fraction
+    from frugal.bench.worker import run_in_subprocess
 
-    bandwidth = measure_bandwidth(threads)
+    # In its own process: the probe's buffers must not count in this process's peak RSS.
+    bandwidth = run_in_subprocess({"engine": "bandwidth", "threads": threads})
     row = measure_frugal(model_dir, quantization, dtype, prompt_len, gen_len, repeats, threads, compile=compile)
     row["roofline_fraction"] = roofline_fraction(row["decode_tokens_per_s"], row["decode_bytes_per_token"],
                                                  bandwidth["bandwidth_gb_s"])
