@@ -3,8 +3,9 @@
 `measure_bandwidth` reads a buffer much larger than the last-level cache once per repeat with the
 given thread count (frugal's vectorised read probe when the kernels are built, else `torch.sum`) and
 reports the best GB/s. `decode_bytes_per_token` counts what one decoded token reads: every weight of
-every projection and the LM head (packed bytes, scales and zero points for quantized ones), the
-norms, one embedding row, and the KV cache up to the mean context length of the measured run.
+every projection (of a mixture of experts, the routed top_k experts' share) and the LM head (packed
+bytes, scales and zero points for quantized ones), the norms, one embedding row, and the KV cache up
+to the mean context length of the measured run.
 """
 
 from __future__ import annotations
@@ -51,6 +52,12 @@ def decode_bytes_per_token(model: nn.Module, kv_bytes_per_token_position: int, m
     embedding_bytes = 0
     vocab_size = 1
     for module in model.modules():
+        experts = getattr(module, "experts", None)
+        if isinstance(experts, nn.ModuleList) and getattr(module, "top_k", None):
+            # Mixture of experts: a token reads top_k of the experts (the mean over experts' sizes).
+            expert_bytes = sum(p.numel() * p.element_size() for p in experts.parameters() if id(p) not in seen)
+            weight_bytes += expert_bytes * module.top_k // len(experts)
+            seen.update(id(p) for p in experts.parameters())
         params = [p for p in module.parameters(recurse=False) if id(p) not in seen]
         if type(module).__name__ == "VocabEmbedding":
             vocab_size = module.vocab_size
