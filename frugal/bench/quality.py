@@ -10,6 +10,7 @@ equivalent CLI commands; the PNG is a bar chart of the change in perplexity with
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 from dataclasses import dataclass
@@ -127,3 +128,12 @@ def plot_quality(results: dict, png_path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(png_path, dpi=110)
     plt.close(fig)
+
+
+def write(results: dict, out_dir: Path, name: str, title: str) -> tuple[Path, Path]:
+    """results -> out_dir/name.json and out_dir/name.png (the bar chart)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = out_dir / f"{name}.json", out_dir / f"{name}.png"
+    json_path.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    plot_quality(results, png_path, title)
+    return json_path, png_path

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shlex
-import sys
 from pathlib import Path
+
+from frugal.cli import invoked_command
 
 logger = logging.getLogger("frugal.cli")
 
@@ -88,7 +88,7 @@ def cmd_make_model(args: argparse.Namespace) -> int:
 def cmd_engine(args: argparse.Namespace) -> int:
     from frugal.bench import engine_vs_hf
 
-    command = "frugal " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = invoked_command()
     results = engine_vs_hf.run(Path(args.model), args.dtypes, args.prompt_len, args.gen_len, args.repeats,
                                args.threads, not args.no_hf, command)
     name = args.name or f"engine_{Path(args.model).name}"
@@ -101,7 +101,7 @@ def cmd_engine(args: argparse.Namespace) -> int:
 def cmd_spec(args: argparse.Namespace) -> int:
     from frugal.bench import spec
 
-    command = "frugal " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = invoked_command()
     results = spec.run(args.model, args.speculative, args.prompts, args.batch_sizes, args.num_prompts,
                        args.prompt_tokens, args.max_tokens, args.repeats, args.threads, args.dtype, command)
     name = args.name or f"spec_{Path(args.model).name}"
@@ -114,7 +114,7 @@ def cmd_spec(args: argparse.Namespace) -> int:
 def cmd_spec_cost(args: argparse.Namespace) -> int:
     from frugal.bench import spec_cost
 
-    command = "frugal " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = invoked_command()
     results = spec_cost.run(args.model, args.k, args.context, args.repeats, args.threads, args.dtype,
                             args.acceptance, command)
     name = args.name or f"spec_cost_{Path(args.model).name}"

@@ -6,11 +6,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shlex
-import sys
 import tempfile
 from pathlib import Path
 
+from frugal.cli import invoked_command
 from frugal.cli.quantize import add_quant_options, quant_config_from_args
 
 logger = logging.getLogger("frugal.cli")
@@ -72,9 +71,6 @@ def add_decode_bench_parsers(bench_sub) -> None:
     quality.set_defaults(func=cmd_quality)
 
 
-def _command() -> str:
-    return "frugal " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-
 
 def cmd_decode(args: argparse.Namespace) -> int:
     from frugal.bench.decode import run_bench, write_results
@@ -84,14 +80,14 @@ def cmd_decode(args: argparse.Namespace) -> int:
         from frugal.bench.profile_decode import profile_decode
 
         result = profile_decode(args.model, quant, args.dtype, args.prompt_len, threads=args.threads)
-        result["command"] = _command()
+        result["command"] = invoked_command()
         name = args.name or f"profile_{Path(args.model).name}_{result['quantization'] or args.dtype}"
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / f"{name}.json").write_text(json.dumps(result, indent=2))
         print(json.dumps(result, indent=2))
         return 0
     results = run_bench(Path(args.model), quant, args.dtype, args.prompt_len, args.gen_len, args.repeats,
-                        args.threads, _command(), compile=args.compile)
+                        args.threads, invoked_command(), compile=args.compile)
     row = results["runs"][0]
     name = args.name or f"{args.bench_kind}_{Path(args.model).name}_{row['quantization'] or row['dtype']}"
     json_path, png_path = write_results(results, Path(args.out), name, Path(args.model).name)
@@ -112,7 +108,7 @@ def cmd_peers(args: argparse.Namespace) -> int:
 
     model_dir = Path(args.model)
     work_dir = Path(args.work_dir) if args.work_dir else Path(tempfile.gettempdir()) / "frugal-peers"
-    results = run_peers(model_dir, work_dir, args.prompt_len, args.gen_len, args.repeats, args.threads, _command(),
+    results = run_peers(model_dir, work_dir, args.prompt_len, args.gen_len, args.repeats, args.threads, invoked_command(),
                         args.frugal, args.llama_cpp, not args.no_hf, install=not args.no_install,
                         llama_repack=not args.no_repack)
     name = args.name or f"peers_{model_dir.name}"
@@ -133,7 +129,7 @@ def cmd_peers(args: argparse.Namespace) -> int:
 def cmd_quality(args: argparse.Namespace) -> int:
     import torch
 
-    from frugal.bench.quality import plot_quality, run_quality
+    from frugal.bench.quality import run_quality, write
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -141,13 +137,9 @@ def cmd_quality(args: argparse.Namespace) -> int:
     results = run_quality(args.model, Path(args.data), Path(args.calib_data), context_len=args.context_len,
                           stride=args.stride, max_tokens=args.max_tokens, calib_samples=args.calib_samples,
                           calib_seq_len=args.calib_seq_len)
-    results["command"] = _command()
-    name = args.name or f"quality_{model_dir.name}"
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    json_path, png_path = out / f"{name}.json", out / f"{name}.png"
-    json_path.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    plot_quality(results, png_path, f"{model_dir.name}: perplexity change vs fp32 ({Path(args.data).name})")
+    results["command"] = invoked_command()
+    json_path, png_path = write(results, Path(args.out), args.name or f"quality_{model_dir.name}",
+                                f"{model_dir.name}: perplexity change vs fp32 ({Path(args.data).name})")
     for row in results["rows"]:
         print(f"{row['config']:>22}: perplexity {row['perplexity']:10.3f}  {100 * row['vs_fp32']:+6.2f}%")
     logger.info("wrote %s and %s", json_path, png_path)

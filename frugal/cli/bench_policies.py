@@ -12,10 +12,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shlex
-import sys
 from pathlib import Path
 
+from frugal.cli import invoked_command
 from frugal.errors import ConfigError
 
 logger = logging.getLogger("frugal.cli")
@@ -78,9 +77,6 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 # ---- helpers -------------------------------------------------------------------------------------
 
-def _command() -> str:
-    return "frugal " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-
 
 def engine_config_from_args(args: argparse.Namespace):
     from frugal.cli.main import default_model
@@ -121,7 +117,7 @@ def _load_or_measure_profile(args, config) -> str:
         return args.prefill_profile
     path = Path(args.out_dir) / f"prefill_profile_{_model_name(config)}.json"
     logger.info("measuring a prefill profile into %s", path)
-    _measure_profile(config, repeats=5, command=_command(), clock=args.clock).save(path)
+    _measure_profile(config, repeats=5, command=invoked_command(), clock=args.clock).save(path)
     return str(path)
 
 
@@ -132,7 +128,7 @@ def _load_or_measure_step_time(args, config):
     if args.step_time:
         return StepTimeModel.load(args.step_time)
     logger.info("measuring the step-time model (pass --step-time to reuse one)")
-    return measure_step_time_model(config, [2, 10, 40, 200], 100, args.seed, args.clock, {"command": _command()})
+    return measure_step_time_model(config, [2, 10, 40, 200], 100, args.seed, args.clock, {"command": invoked_command()})
 
 
 def _measure_profile(config, repeats: int, command: str, clock: str):
@@ -168,7 +164,7 @@ def _measure_profile(config, repeats: int, command: str, clock: str):
 def cmd_profile_prefill(args: argparse.Namespace) -> int:
     _setup(args)
     config = engine_config_from_args(args)
-    profile = _measure_profile(config, args.repeats, _command(), args.clock)
+    profile = _measure_profile(config, args.repeats, invoked_command(), args.clock)
     path = Path(args.out or f"benchmarks/prefill_profile_{_model_name(config)}.json")
     profile.save(path)
     print(json.dumps(profile.to_dict(), indent=2))
@@ -184,7 +180,7 @@ def cmd_step_time(args: argparse.Namespace) -> int:
         raise ConfigError(f"need --num-requests >= 1 and positive --rates, got {args.num_requests}, {args.rates}")
     config = engine_config_from_args(args)
     model = measure_step_time_model(config, args.rates, args.num_requests, args.seed, args.clock,
-                                    {"command": _command(), "model": config.model.model})
+                                    {"command": invoked_command(), "model": config.model.model})
     path = Path(args.out or f"benchmarks/step_time_{_model_name(config)}.json")
     model.save(path)
     print(json.dumps(model.to_dict(), indent=2))
@@ -211,7 +207,7 @@ def cmd_policies(args: argparse.Namespace) -> int:
     profile_path = _load_or_measure_profile(args, config)
     step_time = _load_or_measure_step_time(args, config)
     result = policies.run_policies(config, trace, record, args.policies, args.rate_scales, step_time, profile_path,
-                                   args.clock, _command(), args.seed)
+                                   args.clock, invoked_command(), args.seed)
     name = args.name or f"policies_{_model_name(config)}_{Path(args.trace).stem}"
     json_path, png_path = policies.write(result, Path(args.out_dir), name, ("real", "sim"))
     print(json.dumps(result["ratios_vs_fcfs"], indent=2))
@@ -252,7 +248,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                                                args.fit)
     step_time = _load_or_measure_step_time(args, config)
     result = policies.run_simulation(sim_base, trace, record, args.policies, args.rate_scales, step_time, profile,
-                                     _command())
+                                     invoked_command())
     name = args.name or f"simulate_{_model_name(config)}_{Path(args.trace).stem}"
     json_path, png_path = policies.write(result, Path(args.out_dir), name, ("sim",))
     print(json.dumps(result["ratios_vs_fcfs"], indent=2))

@@ -16,6 +16,7 @@ import os
 import signal
 from pathlib import Path
 
+from frugal.cli import invoked_command
 from frugal.errors import ConfigError
 
 logger = logging.getLogger("frugal.cli")
@@ -133,8 +134,6 @@ def add_bench_serve_parser(bench_sub) -> None:
 
 def cmd_bench_serve(args: argparse.Namespace) -> int:
     import json
-    import shlex
-    import sys
 
     from frugal.bench import serving
     from frugal.cli.main import default_model
@@ -160,7 +159,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     if args.no_prefix_caching:
         engine_args.append("--no-prefix-caching")
     engine_args += args.server_arg
-    command = "frugal " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = invoked_command()
     result = serving.run(model, Path(args.trace), args.policy, args.rate_scale, args.num_requests, args.start_row,
                          args.max_prompt_fraction, engine_args, args.seed, args.timeout, command)
     name = args.name or f"serve_{Path(model).name}_{Path(args.trace).stem}"

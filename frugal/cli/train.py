@@ -6,9 +6,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shlex
-import sys
 from pathlib import Path
+
+from frugal.cli import invoked_command
 
 logger = logging.getLogger("frugal.cli")
 
@@ -104,7 +104,7 @@ def cmd_lm(args: argparse.Namespace) -> int:
     _set_threads(args.threads)
     config = TrainConfig.from_toml(args.config).with_data(args.data, args.tokenizer)
     config = config.with_optim(max_steps=args.max_steps)
-    command = "frugal " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = invoked_command()
     trainer = Trainer(config, Path(args.out), resume=args.resume, device=args.device,
                       cache_dir=Path(args.cache_dir) if args.cache_dir else None,
                       progress_bar=False if args.no_progress else None, command=command)
@@ -139,7 +139,7 @@ def cmd_medusa(args: argparse.Namespace) -> int:
                                eval_batches=args.eval_batches, val_every=args.val_every,
                                val_block_tokens=args.val_block_tokens, self_distill=args.self_distill,
                                init_from=args.init)
-    command = "frugal " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = invoked_command()
     trainer = MedusaTrainer(args.model, args.data, config, out_dir=args.out, tokenizer_dir=args.tokenizer,
                             device=args.device, cache_dir=Path(args.cache_dir) if args.cache_dir else None,
                             progress_bar=False if args.no_progress else None, command=command)
