@@ -105,8 +105,14 @@ class ModelConfig:
     # torch.compile the CPU decode step (frugal.runner.compiled_decode); off by default: the first
     # decode step then compiles for about a minute (cached on disk afterwards).
     compile: bool = False
+    # How INT4 weights meet activations on CPU: 'int8' rounds activations to INT8 per block of 32 and
+    # multiplies with AVX512-VNNI (llama.cpp's Q4_0 x Q8_0 scheme; the fast path), 'exact' keeps them in
+    # the model dtype (the dequantize-then-matmul oracle's numerics). CPUs without VNNI run 'exact'.
+    quant_activations: str = "int8"
 
     def __post_init__(self) -> None:
+        if self.quant_activations not in ("int8", "exact"):
+            raise ConfigError(f"quant_activations must be 'int8' or 'exact', got {self.quant_activations!r}")
         if not isinstance(self.compile, bool):
             raise ConfigError(f"compile must be True or False, got {self.compile!r}")
         if self.compile and self.device != "cpu":

@@ -49,9 +49,10 @@ def current_rss_bytes() -> int:
 
 def measure_frugal(model_dir: Path | str, quantization=None, dtype: str = "bfloat16", prompt_len: int = 512,
                    gen_len: int = 128, repeats: int = 2, threads: int = 2, prompt: list[int] | None = None,
-                   compile: bool = False) -> dict:
+                   compile: bool = False, quant_activations: str = "int8") -> dict:
     """Our engine, in this process. Returns tokens/s, memory and bytes read per decoded token.
-    `compile`: torch.compile'd decode steps (compiled during the warm-up, so not timed)."""
+    `compile`: torch.compile'd decode steps (compiled during the warm-up, so not timed).
+    `quant_activations`: 'int8' (the VNNI kernel, default) or 'exact' (see frugal.config.ModelConfig)."""
     import torch
 
     from frugal import LLM, SamplingParams
@@ -61,7 +62,8 @@ def measure_frugal(model_dir: Path | str, quantization=None, dtype: str = "bfloa
     torch.set_num_threads(threads)
     rss_before = current_rss_bytes()
     llm = LLM(str(model_dir), dtype=dtype, quantization=quantization, kv_cache_memory="1GiB",
-              max_model_len=prompt_len + gen_len + 16, max_num_batched_tokens=max(2048, prompt_len), compile=compile)
+              max_model_len=prompt_len + gen_len + 16, max_num_batched_tokens=max(2048, prompt_len), compile=compile,
+              quant_activations=quant_activations)
     engine = llm.engine
     rss_loaded = current_rss_bytes()
     prompt = prompt or random_prompt(prompt_len, engine.arch.vocab_size)
@@ -84,17 +86,20 @@ def measure_frugal(model_dir: Path | str, quantization=None, dtype: str = "bfloa
         "decode_bytes_per_token": traffic["total_bytes"], "traffic": traffic, "output_token_ids": output,
         "attention_backend": type(engine.model.model.layers[0].self_attn.attn.backend).__name__,
         "compiled": engine.runner.model_forward is not engine.model,
+        "quant_activations": ("int8" if any(getattr(m, "int4_x16", False) for m in engine.model.modules())
+                             else "exact") if quant is not None and quant.bits == 4 else None,
     }
 
 
 def run_bench(model_dir: Path, quantization, dtype: str, prompt_len: int, gen_len: int, repeats: int, threads: int,
-              command: str, compile: bool = False) -> dict:
+              command: str, compile: bool = False, quant_activations: str = "int8") -> dict:
     from frugal.bench.roofline import roofline_fraction
     from frugal.bench.worker import run_in_subprocess
 
     # In its own process: the probe's buffers must not count in this process's peak RSS.
     bandwidth = run_in_subprocess({"engine": "bandwidth", "threads": threads})
-    row = measure_frugal(model_dir, quantization, dtype, prompt_len, gen_len, repeats, threads, compile=compile)
+    row = measure_frugal(model_dir, quantization, dtype, prompt_len, gen_len, repeats, threads, compile=compile,
+                         quant_activations=quant_activations)
     row["roofline_fraction"] = roofline_fraction(row["decode_tokens_per_s"], row["decode_bytes_per_token"],
                                                  bandwidth["bandwidth_gb_s"])
     row.pop("output_token_ids")

@@ -32,6 +32,8 @@ LLAMA_CPP_NOTE = ("llama.cpp via llama-cpp-python (registry build). Rows without
                   "the stronger llama.cpp row is the one to compare with")
 # (frugal row label, peer row label) pairs whose ratio the report carries.
 COMPARISONS = (("frugal int4-g32-sym", "llama.cpp Q4_0"), ("frugal int4-g32-sym", "llama.cpp Q4_0+repack"),
+               ("frugal int4-g32-sym exact-act", "llama.cpp Q4_0"),
+               ("frugal int4-g32-sym exact-act", "llama.cpp Q4_0+repack"),
                ("frugal int8", "llama.cpp Q8_0"), ("frugal int8", "llama.cpp Q8_0+repack"),
                ("frugal bf16", "llama.cpp BF16"), ("frugal bf16", "llama.cpp BF16+repack"),
                ("frugal bf16", "llama.cpp F16"), ("frugal bf16", "hf bf16"))
@@ -114,9 +116,12 @@ def run_peers(model_dir: Path, work_dir: Path, prompt_len: int, gen_len: int, re
     for quant in frugal_quants:
         label = f"frugal {quant}" if quant not in ("none", "bf16") else "frugal bf16"
         logger.info("running %s", label)
-        checkpoint = prepare_frugal(model_dir, work_dir, quant)
-        row = run_in_subprocess({**base, "model": str(checkpoint), "engine": "frugal", "dtype": "bfloat16"})
-        row["label"] = label if quant in ("none", "bf16") else f"frugal {row['quantization']}"
+        exact = quant.endswith("-exact")
+        checkpoint = prepare_frugal(model_dir, work_dir, quant.removesuffix("-exact"))
+        row = run_in_subprocess({**base, "model": str(checkpoint), "engine": "frugal", "dtype": "bfloat16",
+                                 "quant_activations": "exact" if exact else "int8"})
+        row["label"] = (label if quant in ("none", "bf16")
+                        else f"frugal {row['quantization']}" + (" exact-act" if exact else ""))
         rows.append(row)
     failures = []
     for kind, path in ggufs.items():

@@ -27,6 +27,7 @@ class QualityConfig:
     group_size: int | None = None
     scheme: str = "sym"
     method: str = "rtn"
+    activations: str = "int8"          # quant_activations: 'int8' (the engine's default) or 'exact'
 
     def quant_config(self):
         from frugal.quant.config import QuantConfig
@@ -44,6 +45,8 @@ class QualityConfig:
         options = f"--dtype {self.dtype} --quantization int{self.bits}"
         if self.bits == 4:
             options += f" --group-size {self.group_size} --scheme {self.scheme}"
+        if self.activations != "int8":
+            options += f" --quant-activations {self.activations}"
         return options
 
 
@@ -52,7 +55,9 @@ DEFAULT_CONFIGS = (
     QualityConfig("bf16", dtype="bfloat16"),
     QualityConfig("int8", bits=8),
     QualityConfig("int8 gptq", bits=8, method="gptq"),
+    QualityConfig("int8 exact-act", bits=8, activations="exact"),
     QualityConfig("int4 g32 sym", bits=4, group_size=32),
+    QualityConfig("int4 g32 sym exact-act", bits=4, group_size=32, activations="exact"),
     QualityConfig("int4 g32 asym", bits=4, group_size=32, scheme="asym"),
     QualityConfig("int4 g32 sym gptq", bits=4, group_size=32, method="gptq"),
     QualityConfig("int4 g128 sym", bits=4, group_size=128),
@@ -91,7 +96,7 @@ def run_quality(model: str, data: Path, calib_data: Path, configs=DEFAULT_CONFIG
                 quant = None  # the checkpoint carries its own settings
             result = evaluate_perplexity(source, data, quantization=quant, dtype=config.dtype,
                                          context_len=context_len, stride=stride, max_tokens=max_tokens,
-                                         progress=False)
+                                         progress=False, quant_activations=config.activations)
             command = (f"frugal eval perplexity {'OUT' if quantize_command else model} --data {data}{window} "
                        + (f"--dtype {config.dtype}" if quantize_command else config.cli_options()))
             rows.append({"config": config.label, "perplexity": result.perplexity,

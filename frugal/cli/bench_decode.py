@@ -36,13 +36,16 @@ def add_decode_bench_parsers(bench_sub) -> None:
                             help="instead: split a decode step's time into kernels / attention / other ops / rest")
         parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                             help="torch.compile the decode step (the warm-up run compiles it)")
+        parser.add_argument("--quant-activations", default="int8", choices=["int8", "exact"],
+                            help="INT4: INT8-rounded activations on the VNNI kernel (default) or exact ones")
         add_quant_options(parser, with_bits=False)
         parser.set_defaults(func=cmd_decode, bench_kind=kind)
 
     peers = bench_sub.add_parser("peers", help="frugal vs llama.cpp (llama-cpp-python) vs HF transformers")
     _common(peers)
-    peers.add_argument("--frugal", nargs="+", default=["bf16", "int8", "int4"],
-                       help="frugal configurations: bf16, int8, int4")
+    peers.add_argument("--frugal", nargs="+", default=["bf16", "int8", "int4", "int4-exact"],
+                       help="frugal configurations: bf16, int8, int4 (INT8-rounded activations, VNNI), int4-exact "
+                            "(activations kept in bf16)")
     peers.add_argument("--llama-cpp", nargs="*", default=["BF16", "Q8_0", "Q4_0"],
                        help="llama.cpp GGUF types (F16, BF16, F32 converted by frugal; Q8_0, Q4_0 by llama.cpp)")
     peers.add_argument("--no-hf", action="store_true", help="skip HF transformers")
@@ -87,7 +90,8 @@ def cmd_decode(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2))
         return 0
     results = run_bench(Path(args.model), quant, args.dtype, args.prompt_len, args.gen_len, args.repeats,
-                        args.threads, invoked_command(), compile=args.compile)
+                        args.threads, invoked_command(), compile=args.compile,
+                        quant_activations=args.quant_activations)
     row = results["runs"][0]
     name = args.name or f"{args.bench_kind}_{Path(args.model).name}_{row['quantization'] or row['dtype']}"
     json_path, png_path = write_results(results, Path(args.out), name, Path(args.model).name)

@@ -24,6 +24,9 @@ def add_eval_parser(sub) -> None:
     ppl.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ppl.add_argument("--json", action="store_true", help="print the result as one JSON object")
     add_quant_options(ppl, with_bits=False)
+    ppl.add_argument("--quant-activations", default="int8", choices=["int8", "exact"],
+                     help="quantized weights on CPU: INT8-rounded activations on the VNNI kernels (default, as the "
+                          "engine) or exact ones")
     ppl.set_defaults(func=cmd_perplexity)
 
 
@@ -36,7 +39,8 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     quant = quant_config_from_args(args)
     result = evaluate_perplexity(args.model, args.data, quantization=quant, dtype=args.dtype,
-                                 context_len=args.context_len, stride=args.stride, max_tokens=args.max_tokens)
+                                 context_len=args.context_len, stride=args.stride, max_tokens=args.max_tokens,
+                                 quant_activations=args.quant_activations)
     record = {"model": args.model, "data": args.data, "quantization": quant.name if quant else None,
               **result.as_dict()}
     if args.json:

@@ -110,7 +110,8 @@ class EngineCore:
             self.max_model_len = capacity
         self.num_blocks = num_blocks
         self.model = load_model(self.model_dir, self.arch, self.dtype, self.device, model_config.attention_backend,
-                                max_position=self.max_model_len, quantization=config.quant)
+                                max_position=self.max_model_len, quantization=config.quant,
+                                quant_activations=model_config.quant_activations)
         scheduler_config = replace(config.scheduler, max_model_len=self.max_model_len)
         self.kv_caches = allocate_kv_caches(self.arch, num_blocks, block_size, self.dtype, self.device)
         self.swapper = make_swapper(config.cache, self.kv_caches, bytes_per_block)

@@ -51,6 +51,7 @@ class LLM:
         quantization: str | QuantConfig | None = None,
         speculative: str | SpecConfig | None = None,
         compile: bool = False,
+        quant_activations: str = "int8",
     ):
         """`quantization`: None, 'int4' (group 32, symmetric, INT8 embedding and LM head), 'int8' or a
         `QuantConfig` — a 16-bit checkpoint is quantized while it loads; a `frugal quantize` checkpoint
@@ -59,13 +60,15 @@ class LLM:
         `SpecConfig` - lossless speculative decoding (frugal.spec); per-request stats arrive in
         `RequestOutput.metrics.spec`.
         `compile`: run CPU decode steps through torch.compile (Inductor, C++ wrapper): less Python per
-        token, same output; the first decode step compiles (about a minute; cached on disk)."""
+        token, same output; the first decode step compiles (about a minute; cached on disk).
+        `quant_activations`: 'int8' (default) rounds activations to INT8 per 32-block for the INT4 VNNI
+        kernel, as llama.cpp's Q4_0 does; 'exact' keeps them in the model dtype (slower)."""
         config = EngineConfig(
             quant=QuantConfig.create(quantization),
             speculative=SpecConfig.parse(speculative),
             model=ModelConfig(model=str(model), dtype=dtype, device=device, revision=revision,
                               max_model_len=max_model_len, seed=seed, attention_backend=attention_backend,
-                              compile=compile),
+                              compile=compile, quant_activations=quant_activations),
             cache=CacheConfig(block_size=block_size, kv_cache_memory_bytes=parse_memory(kv_cache_memory),
                               enable_prefix_caching=enable_prefix_caching,
                               swap_space_bytes=parse_memory(swap_space) if swap_space else 0, swap_path=swap_path),

@@ -70,11 +70,12 @@ def window_nll(model, token_ids: torch.Tensor, first_scored: int, kv_caches: lis
 
 def evaluate_perplexity(model_dir: Path | str, data_file: Path | str, quantization=None, dtype: str = "auto",
                         context_len: int | None = None, stride: int | None = None, max_tokens: int | None = None,
-                        block_size: int = 16, progress: bool = True, kernel_backend: str | None = None
-                        ) -> PerplexityResult:
+                        block_size: int = 16, progress: bool = True, kernel_backend: str | None = None,
+                        quant_activations: str = "int8") -> PerplexityResult:
     """Perplexity of the model in `model_dir` (optionally quantized) on the text of `data_file`.
     `context_len` defaults to the model's max_position_embeddings (capped at 2048), `stride` to half of
-    it; `max_tokens` evaluates only the first tokens of the file (BOS included)."""
+    it; `max_tokens` evaluates only the first tokens of the file (BOS included). `quant_activations`:
+    as the engine's option (frugal.config.ModelConfig), 'int8' by default like the engine."""
     from frugal.model.arch_config import load_arch_config
     from frugal.model.loader import load_model, resolve_dtype, resolve_model_path
     from frugal.model.tokenizer import load_tokenizer
@@ -101,7 +102,8 @@ def evaluate_perplexity(model_dir: Path | str, data_file: Path | str, quantizati
         raise ConfigError(f"{data_file} has fewer than 2 tokens")
     torch_dtype = resolve_dtype(dtype, arch, "cpu")
     model = load_model(model_dir, arch, torch_dtype, "cpu", max_position=context_len, progress=progress,
-                       quantization=QuantConfig.create(quantization), kernel_backend=kernel_backend)
+                       quantization=QuantConfig.create(quantization), kernel_backend=kernel_backend,
+                       quant_activations=quant_activations)
     kv_caches = allocate_kv_caches(arch, -(-context_len // block_size), block_size, torch_dtype, "cpu")
     ids = torch.tensor(token_ids, dtype=torch.int64)
     spans = window_spans(len(token_ids), context_len, stride)

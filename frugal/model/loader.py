@@ -208,14 +208,17 @@ def materialize(model: nn.Module, dtype: torch.dtype, device: torch.device) -> N
 def load_model(model_dir: Path | str, arch: ArchConfig, dtype: torch.dtype, device: torch.device | str,
                attention_backend: str = "auto", max_position: int | None = None,
                linear_method: LinearMethod | None = None, progress: bool = True,
-               quantization: QuantConfig | None = None, kernel_backend: str | None = None) -> nn.Module:
+               quantization: QuantConfig | None = None, kernel_backend: str | None = None,
+               quant_activations: str = "exact") -> nn.Module:
     """Build the model for `arch` and load its weights from `model_dir`; returns it in eval mode.
 
     `max_position`: the longest sequence the engine will serve (rotary cache size; defaults to the
     checkpoint's max_position_embeddings). `linear_method`: QuantMethod for every projection (overrides
     the one `quantization` implies). `quantization`: quantize a 16-bit checkpoint while loading it; a
     checkpoint written by `frugal quantize` is loaded as it is (its own settings). `kernel_backend`:
-    force 'cpu' / 'cuda' / 'reference' (dequantise-then-matmul, the oracle) kernels.
+    force 'cpu' / 'cuda' / 'reference' (dequantise-then-matmul, the oracle) kernels. `quant_activations`:
+    'int8' runs INT4 layers on the CPU's VNNI kernel with activations rounded to INT8 per 32-block;
+    'exact' (the default here; the engine defaults to 'int8') keeps them in the model dtype.
     """
     from frugal.quant.base import build_quant_methods, quantize_stream, resolve_quantization
 
@@ -224,7 +227,7 @@ def load_model(model_dir: Path | str, arch: ArchConfig, dtype: torch.dtype, devi
     model_cls = get_model_class(arch.architecture)
     quant, prequantized = resolve_quantization(quantization, model_dir)
     # Loads frugal's CPU kernels when they apply, so the layers and 'auto' attention below can use them.
-    methods = build_quant_methods(quant, dtype, device, arch.tie_word_embeddings, kernel_backend)
+    methods = build_quant_methods(quant, dtype, device, arch.tie_word_embeddings, kernel_backend, quant_activations)
     backend = get_attention_backend(attention_backend, device)
     method_kwargs = {key: value for key, value in (("lm_head_method", methods.lm_head),
                                                    ("embedding_method", methods.embedding)) if value is not None}

@@ -87,9 +87,10 @@ def select_backend(device: torch.device | str) -> str:
 
 
 def build_quant_methods(config: QuantConfig | None, dtype: torch.dtype, device: torch.device | str,
-                        tied: bool, backend: str | None = None) -> QuantMethods:
+                        tied: bool, backend: str | None = None, quant_activations: str = "exact") -> QuantMethods:
     """The methods for `config` (None: 16-bit, with our streaming bf16 kernel on CPU where it applies).
-    `backend` forces 'cpu' / 'cuda' / 'reference' (tests use 'reference' as the oracle)."""
+    `backend` forces 'cpu' / 'cuda' / 'reference' (tests use 'reference' as the oracle);
+    `quant_activations` 'int8' picks the VNNI kernels for INT4/INT8 on CPU (see Int4LinearMethod)."""
     from frugal.quant.dense import CpuDenseLinearMethod
     from frugal.quant.int4 import Int4LinearMethod
     from frugal.quant.int8 import Int8EmbeddingMethod, Int8LinearMethod
@@ -99,10 +100,10 @@ def build_quant_methods(config: QuantConfig | None, dtype: torch.dtype, device: 
     if config is None:
         return QuantMethods(linear=dense, lm_head=dense)
     if config.bits == 4:
-        linear = Int4LinearMethod(config.group_size, config.scheme, backend)
+        linear = Int4LinearMethod(config.group_size, config.scheme, backend, activations=quant_activations)
     else:
-        linear = Int8LinearMethod(backend)
-    lm_head = Int8LinearMethod(backend) if config.lm_head_bits == 8 else dense
+        linear = Int8LinearMethod(backend, activations=quant_activations)
+    lm_head = Int8LinearMethod(backend, activations=quant_activations) if config.lm_head_bits == 8 else dense
     embedding_bits = config.lm_head_bits if tied else config.embedding_bits
     embedding = Int8EmbeddingMethod(dtype) if embedding_bits == 8 else None
     return QuantMethods(linear=linear, lm_head=lm_head, embedding=embedding)

@@ -180,22 +180,76 @@ def from_kernel_layout(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torc
             None if qzeros is None else untiled(qzeros, 1))
 
 
+X16_ROWS = 16  # rows per tile of the x16 (VNNI) layout
+X16_ALL_ROWS = 2**62  # max_gemv_rows for int4_x16_linear: the VNNI kernel for every batch size
+
+
+def to_x16_layout(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor | None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Canonical tensors -> the x16 layout of csrc/vnni_cpu.cpp (same shapes and dtypes; N % 16 == 0):
+    rows tiled by 16; per tile, 64-byte steps of 8 weights, bytes 4i..4i+3 for row i with byte j holding
+    weights 8s+j (low nibble) and 8s+4+j (high); a tile's scales / zeros stored [group][row]."""
+    q = unpack_nibbles(qweight)  # [N, Kp]
+    n, kp = q.shape
+    steps = q.view(n // X16_ROWS, X16_ROWS, kp // 8, 2, 4)  # [tile, row, step, half, j]
+    packed = (steps[:, :, :, 0, :] | (steps[:, :, :, 1, :] << 4)).transpose(1, 2).reshape(n, kp // 2)
+
+    def tiled(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(n // X16_ROWS, X16_ROWS, t.shape[1]).transpose(1, 2).reshape(t.shape).contiguous()
+
+    return packed.contiguous(), tiled(scales), None if qzeros is None else tiled(qzeros)
+
+
+def round_activations_int8(x: torch.Tensor) -> torch.Tensor:
+    """What the x16 (VNNI) kernels multiply instead of x [M, K]: per block of 32 features (zero-padded to
+    the kernel's Kp), d = max|x| / 127 and x ~ d * round-half-even(x / d), in float32. The reference for
+    the VNNI kernel's activation rounding."""
+    m, k = x.shape
+    blocks = F.pad(x.float(), (0, padded_in_features(k) - k)).view(m, -1, 32)
+    scale = blocks.abs().amax(-1, keepdim=True) / 127
+    inverse = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
+    return (torch.round(blocks * inverse) * scale).view(m, -1)[:, :k]
+
+
+def from_x16_layout(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor | None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Inverse of to_x16_layout."""
+    n, half = qweight.shape
+    steps = qweight.view(n // X16_ROWS, half // 4, X16_ROWS, 4).transpose(1, 2)  # [tile, row, step, j]
+    q = torch.stack((steps & 0xF, steps >> 4), dim=3).reshape(n, half * 2)
+
+    def untiled(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(n // X16_ROWS, t.shape[1], X16_ROWS).transpose(1, 2).reshape(t.shape).contiguous()
+
+    return pack_nibbles(q), untiled(scales), None if qzeros is None else untiled(qzeros)
+
+
 class Int4LinearMethod(QuantizedLinearMethod):
     """INT4 group-wise weights behind the LinearMethod seam.
 
-    backend 'cpu': our AVX512 kernel (weights repacked to its layout after loading); 'cuda': PyTorch's
-    tinygemm `_weight_int4pack_mm` (bfloat16); 'reference': dequantise every call and `F.linear` — the
-    oracle, and the fallback where no kernel is available.
+    backend 'cpu': our AVX512 kernels, weights repacked after loading. With activations='int8' (and a
+    CPU with AVX512-VNNI) a layer whose output rows are a multiple of 16 takes the x16 layout and
+    `int4_x16_linear`, which rounds activations to INT8 per 32-block, for every batch size (prefill
+    included: the integer dot products beat dequantising for the BLAS); otherwise the 4-row layout and
+    `int4_linear`, exact in the activations' dtype. 'cuda': PyTorch's tinygemm `_weight_int4pack_mm`
+    (bfloat16); 'reference': dequantise every call and `F.linear` — the oracle, and the fallback where
+    no kernel is available.
     """
 
-    def __init__(self, group_size: int, scheme: str, backend: str = "reference", max_gemv_rows: int = 16) -> None:
+    def __init__(self, group_size: int, scheme: str, backend: str = "reference", max_gemv_rows: int = 16,
+                 activations: str = "exact") -> None:
         assert backend in ("cpu", "cuda", "reference"), backend
+        assert activations in ("exact", "int8"), activations
         self.group_size, self.scheme, self.backend, self.max_gemv_rows = group_size, scheme, backend, max_gemv_rows
+        self.int8_activations = False
         if backend == "cpu":
             from frugal.quant.kernels import cpu_kernels
 
             self.ops = cpu_kernels()
             assert self.ops is not None, "the cpu backend needs the compiled kernels"
+            self.int8_activations = activations == "int8" and self.ops.has_vnni_path()
+        elif backend == "reference":
+            self.int8_activations = activations == "int8"  # the oracle of the VNNI path
 
     def tensor_specs(self, input_size: int, output_size: int) -> dict[str, TensorSpec]:
         kp, groups = padded_in_features(input_size), num_groups(input_size, self.group_size)
@@ -206,9 +260,11 @@ class Int4LinearMethod(QuantizedLinearMethod):
         return specs
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
+        layer.int4_x16 = self.int8_activations and layer.qweight.shape[0] % X16_ROWS == 0
         if self.backend == "cpu":
             qzeros = getattr(layer, "qzeros", None)
-            qweight, scales, zeros = to_kernel_layout(layer.qweight, layer.scales, qzeros)
+            repack = to_x16_layout if layer.int4_x16 else to_kernel_layout
+            qweight, scales, zeros = repack(layer.qweight, layer.scales, qzeros)
             with torch.no_grad():
                 layer.qweight.copy_(qweight)
                 layer.scales.copy_(scales)
@@ -223,6 +279,9 @@ class Int4LinearMethod(QuantizedLinearMethod):
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.backend == "cpu":
             ops = torch.ops.frugal if torch.compiler.is_compiling() else self.ops  # dispatcher op: traceable
+            if getattr(layer, "int4_x16", False):
+                return ops.int4_x16_linear(x, layer.qweight, layer.scales, getattr(layer, "qzeros", None),
+                                           self.group_size, bias, X16_ALL_ROWS)
             return ops.int4_linear(x, layer.qweight, layer.scales, getattr(layer, "qzeros", None),
                                         self.group_size, bias, self.max_gemv_rows)
         if self.backend == "cuda":
@@ -231,12 +290,15 @@ class Int4LinearMethod(QuantizedLinearMethod):
             return tinygemm_linear(x, layer.tinygemm, self.group_size, layer.input_size, bias)
         weight = dequantize_int4(layer.qweight, layer.scales, getattr(layer, "qzeros", None), self.group_size,
                                  layer.input_size)
+        if getattr(layer, "int4_x16", False):  # what the VNNI kernel computes, in float32
+            return F.linear(round_activations_int8(x), weight, None if bias is None else bias.float()).to(x.dtype)
         return F.linear(x, weight.to(x.dtype), bias)
 
     def canonical(self, layer: nn.Module) -> dict[str, torch.Tensor]:
         qweight, scales, qzeros = layer.qweight, layer.scales, getattr(layer, "qzeros", None)
         if self.backend == "cpu":
-            qweight, scales, qzeros = from_kernel_layout(qweight, scales, qzeros)
+            unpack = from_x16_layout if getattr(layer, "int4_x16", False) else from_kernel_layout
+            qweight, scales, qzeros = unpack(qweight, scales, qzeros)
         tensors = {"qweight": qweight, "scales": scales}
         if qzeros is not None:
             tensors["qzeros"] = qzeros

@@ -48,21 +48,52 @@ def dequantize_int8(qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor
     return qweight.float() * scales.float()[:, None]
 
 
+X16_ROWS = 16  # rows per tile of the x16 (VNNI) layout
+X16_ALL_ROWS = 2**62  # max_gemv_rows for int8_x16_linear: the VNNI kernel for every batch size
+
+
+def to_x16_layout(qweight: torch.Tensor) -> torch.Tensor:
+    """[N, K] int8 -> the x16 layout of csrc/vnni_cpu.cpp (N % 16 == 0, K % 4 == 0): rows tiled by 16,
+    per tile 64-byte steps of 4 weights per row."""
+    n, k = qweight.shape
+    return qweight.view(n // X16_ROWS, X16_ROWS, k // 4, 4).transpose(1, 2).reshape(n, k).contiguous()
+
+
+def from_x16_layout(qweight: torch.Tensor) -> torch.Tensor:
+    n, k = qweight.shape
+    return qweight.view(n // X16_ROWS, k // 4, X16_ROWS, 4).transpose(1, 2).reshape(n, k).contiguous()
+
+
 def _int8_specs(rows: int, cols: int) -> dict[str, TensorSpec]:
     return {"qweight": TensorSpec((rows, cols), torch.int8), "scales": TensorSpec((rows,), torch.float32)}
 
 
 class Int8LinearMethod(QuantizedLinearMethod):
-    """backend 'cpu': our AVX512 kernel; 'cuda' / 'reference': dequantise and `F.linear`."""
+    """backend 'cpu': our AVX512 kernels. With activations='int8' (and AVX512-VNNI) a layer with
+    N % 16 == 0 and K % 32 == 0 takes the x16 layout and `int8_x16_linear` (activations rounded to INT8
+    per 32-block, every batch size); otherwise `int8_linear`, exact in the activations' dtype.
+    'cuda' / 'reference': dequantise and `F.linear` ('reference' rounds activations like the x16 kernel
+    where that kernel would run: its oracle)."""
 
-    def __init__(self, backend: str = "reference", max_gemv_rows: int = 16) -> None:
+    def __init__(self, backend: str = "reference", max_gemv_rows: int = 16, activations: str = "exact") -> None:
         assert backend in ("cpu", "cuda", "reference"), backend
+        assert activations in ("exact", "int8"), activations
         self.backend, self.max_gemv_rows = backend, max_gemv_rows
+        self.int8_activations = activations == "int8" and backend == "reference"
         if backend == "cpu":
             from frugal.quant.kernels import cpu_kernels
 
             self.ops = cpu_kernels()
             assert self.ops is not None, "the cpu backend needs the compiled kernels"
+            self.int8_activations = activations == "int8" and self.ops.has_vnni_path()
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        n, k = layer.qweight.shape
+        shared = getattr(layer, "tied", False)  # an LM head tied to the embedding: lookups read it row-major
+        layer.int8_x16 = self.int8_activations and n % X16_ROWS == 0 and k % 32 == 0 and not shared
+        if self.backend == "cpu" and layer.int8_x16:
+            with torch.no_grad():
+                layer.qweight.copy_(to_x16_layout(layer.qweight))
 
     def tensor_specs(self, input_size: int, output_size: int) -> dict[str, TensorSpec]:
         return _int8_specs(output_size, input_size)
@@ -70,11 +101,21 @@ class Int8LinearMethod(QuantizedLinearMethod):
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.backend == "cpu":
             ops = torch.ops.frugal if torch.compiler.is_compiling() else self.ops  # dispatcher op: traceable
+            if getattr(layer, "int8_x16", False):
+                return ops.int8_x16_linear(x, layer.qweight, layer.scales, bias, X16_ALL_ROWS)
             return ops.int8_linear(x, layer.qweight, layer.scales, bias, self.max_gemv_rows)
-        return F.linear(x, dequantize_int8(layer.qweight, layer.scales).to(x.dtype), bias)
+        weight = dequantize_int8(layer.qweight, layer.scales)
+        if getattr(layer, "int8_x16", False):  # what the VNNI kernel computes, in float32
+            from frugal.quant.int4 import round_activations_int8
+
+            return F.linear(round_activations_int8(x), weight, None if bias is None else bias.float()).to(x.dtype)
+        return F.linear(x, weight.to(x.dtype), bias)
 
     def canonical(self, layer: nn.Module) -> dict[str, torch.Tensor]:
-        return {"qweight": layer.qweight, "scales": layer.scales}
+        qweight = layer.qweight
+        if self.backend == "cpu" and getattr(layer, "int8_x16", False):
+            qweight = from_x16_layout(qweight)
+        return {"qweight": qweight, "scales": layer.scales}
 
 
 class Int8EmbeddingMethod(EmbeddingMethod):

@@ -56,7 +56,7 @@ def register_fake_ops() -> bool:
         return True
     ops = getattr(torch.ops, "frugal", None)
     try:
-        for name in ("int4_linear", "int8_linear", "bf16_linear", "write_kv_cache", "rms_norm",
+        for name in ("int4_linear", "int4_x16_linear", "int8_linear", "int8_x16_linear", "bf16_linear", "write_kv_cache", "rms_norm",
                      "fused_add_rms_norm", "rotary_embedding", "silu_and_mul", "paged_attention_decode"):
             getattr(ops, name)
     except (AttributeError, RuntimeError):
@@ -68,7 +68,10 @@ def register_fake_ops() -> bool:
     fakes = {
         "frugal::int4_linear": lambda x, qweight, scales, zeros, group_size, bias, max_rows:
             rows(x, qweight.shape[0]),
+        "frugal::int4_x16_linear": lambda x, qweight, scales, zeros, group_size, bias, max_rows:
+            rows(x, qweight.shape[0]),
         "frugal::int8_linear": lambda x, qweight, scales, bias, max_rows: rows(x, qweight.shape[0]),
+        "frugal::int8_x16_linear": lambda x, qweight, scales, bias, max_rows: rows(x, qweight.shape[0]),
         "frugal::bf16_linear": lambda x, weight, bias, max_rows: rows(x, weight.shape[0]),
         "frugal::write_kv_cache": lambda kv_cache, key, value, slot_mapping: None,
         "frugal::rms_norm": lambda x, weight, eps: torch.empty_like(x),

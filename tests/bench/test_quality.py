@@ -11,7 +11,7 @@ from pathlib import Path
 
 from conftest import SHARED
 
-from frugal.bench.quality import QualityConfig, plot_quality, run_quality
+from frugal.bench.quality import DEFAULT_CONFIGS, QualityConfig, plot_quality, run_quality
 
 TEST_TEXT = SHARED / "data" / "wikitext2_valid_test" / "test.txt"
 VALID_TEXT = SHARED / "data" / "wikitext2_valid_test" / "valid.txt"
@@ -44,4 +44,4 @@ def test_bench_quality_cli_writes_json_and_png(stories260k, tmp_path):
     assert completed.returncode == 0, completed.stderr[-2000:]
     data = json.loads((tmp_path / "q.json").read_text())
     assert data["command"].startswith("frugal bench quality")
-    assert len(data["rows"]) == 11 and (tmp_path / "q.png").is_file()
+    assert len(data["rows"]) == len(DEFAULT_CONFIGS) and (tmp_path / "q.png").is_file()

@@ -21,9 +21,10 @@ CONFIGS = [QuantConfig.create("int4"), QuantConfig.create("int4", group_size=128
 TOKENS = [1, 17, 99, 250, 3, 77, 411, 8, 8, 120, 64, 301]
 
 
-def logits_of(model_dir, quant, backend=None, dtype=torch.float32):
+def logits_of(model_dir, quant, backend=None, dtype=torch.float32, quant_activations="exact"):
     arch = load_arch_config(model_dir)
-    model = load_model(model_dir, arch, dtype, "cpu", progress=False, quantization=quant, kernel_backend=backend)
+    model = load_model(model_dir, arch, dtype, "cpu", progress=False, quantization=quant, kernel_backend=backend,
+                       quant_activations=quant_activations)
     kv_caches = allocate_kv_caches(arch, 4, 16, dtype, "cpu")
     # A prefill chunk, then single-token decode steps (the batch-1 kernel path).
     return model, run_schedule(model, kv_caches, [TOKENS], [[0, 1, 2, 3]], [[8, 1, 1, 1, 1]], 16)[0]
@@ -37,6 +38,19 @@ def test_quantized_model_kernels_match_the_dequantize_oracle(cpu_ops, tiny_llama
     _, dense = logits_of(tiny_llama, None)
     assert not torch.equal(ours, dense)  # it really is quantized
     assert torch.nn.functional.cosine_similarity(ours, dense, dim=-1).min() > 0.9  # and close to the 16-bit model
+
+
+@pytest.mark.parametrize("quant", CONFIGS[:2] + CONFIGS[3:], ids=lambda q: f"{q.name}-head{q.lm_head_bits}")
+def test_int8_activation_path_matches_its_oracle(cpu_ops, tiny_llama, quant):
+    if not cpu_ops.has_vnni_path():
+        pytest.skip("this CPU lacks AVX512-VNNI")
+    model, ours = logits_of(tiny_llama, quant, "cpu", quant_activations="int8")
+    assert any(getattr(m, "int4_x16", False) for m in model.modules())  # the VNNI kernel really ran
+    _, oracle = logits_of(tiny_llama, quant, "reference", quant_activations="int8")
+    torch.testing.assert_close(ours, oracle, atol=1e-4, rtol=1e-4)
+    _, exact = logits_of(tiny_llama, quant, "cpu")
+    assert not torch.equal(ours, exact)  # activations really were rounded
+    assert torch.nn.functional.cosine_similarity(ours, exact, dim=-1).min() > 0.99
 
 
 @pytest.mark.parametrize("family", ["tiny_tied", "tiny_qwen2"])
@@ -95,11 +109,12 @@ def test_quantized_checkpoint_errors(tiny_llama, tmp_path):
         quantize_checkpoint(tiny_llama, tiny_llama, QuantConfig.create("int8"), progress=False)
 
 
-@pytest.mark.parametrize("quantization", ["int4", "int8"])
-def test_greedy_output_is_stable_across_runs_and_batch_sizes(cpu_ops, tiny_llama, quantization):
+@pytest.mark.parametrize("quantization,quant_activations", [("int4", "int8"), ("int4", "exact"), ("int8", "int8")])
+def test_greedy_output_is_stable_across_runs_and_batch_sizes(cpu_ops, tiny_llama, quantization, quant_activations):
     from frugal import LLM, SamplingParams
 
-    llm = LLM(str(tiny_llama), quantization=quantization, kv_cache_memory="16MiB", max_model_len=128)
+    llm = LLM(str(tiny_llama), quantization=quantization, kv_cache_memory="16MiB", max_model_len=128,
+              quant_activations=quant_activations)
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     prompts = [[1, 5, 9, 200, 31], [1, 400, 2, 7], [1, 11, 12, 13, 14, 15, 16, 17], [1, 300]]
     alone = [llm.generate([p], params)[0].outputs[0].token_ids for p in prompts]

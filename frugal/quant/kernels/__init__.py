@@ -23,7 +23,7 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 _CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = [_CSRC / name for name in ("module.cpp", "int4_cpu.cpp", "dense_cpu.cpp", "fused_cpu.cpp",
+SOURCES = [_CSRC / name for name in ("module.cpp", "int4_cpu.cpp", "vnni_cpu.cpp", "dense_cpu.cpp", "fused_cpu.cpp",
                                        "dispatcher_ops.cpp")]
 HEADERS = [_CSRC / name for name in ("common.h", "work_sharing.h")]
 EXTENSION_NAME = "frugal_cpu_kernels"

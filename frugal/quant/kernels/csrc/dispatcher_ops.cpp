@@ -8,8 +8,13 @@ namespace frugal {
 at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& qweight, const at::Tensor& scales,
                        const c10::optional<at::Tensor>& zeros, int64_t group_size,
                        const c10::optional<at::Tensor>& bias, int64_t max_gemv_rows);
+at::Tensor int4_x16_linear(const at::Tensor& x_in, const at::Tensor& qweight, const at::Tensor& scales,
+                           const c10::optional<at::Tensor>& zeros, int64_t group_size,
+                           const c10::optional<at::Tensor>& bias, int64_t max_gemv_rows);
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                        const c10::optional<at::Tensor>& bias, int64_t max_gemv_rows);
+at::Tensor int8_x16_linear(const at::Tensor& x_in, const at::Tensor& qweight, const at::Tensor& scales,
+                           const c10::optional<at::Tensor>& bias, int64_t max_gemv_rows);
 at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                        int64_t max_gemv_rows);
 
@@ -32,6 +37,9 @@ void write_kv_cache(const at::Tensor& kv_cache, const at::Tensor& key, const at:
 TORCH_LIBRARY_FRAGMENT(frugal, m) {
   m.def("int4_linear(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, int group_size, Tensor? bias, "
         "int max_gemv_rows) -> Tensor");
+  m.def("int4_x16_linear(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, int group_size, Tensor? bias, "
+        "int max_gemv_rows) -> Tensor");
+  m.def("int8_x16_linear(Tensor x, Tensor qweight, Tensor scales, Tensor? bias, int max_gemv_rows) -> Tensor");
   m.def("int8_linear(Tensor x, Tensor qweight, Tensor scales, Tensor? bias, int max_gemv_rows) -> Tensor");
   m.def("bf16_linear(Tensor x, Tensor weight, Tensor? bias, int max_gemv_rows) -> Tensor");
   m.def("write_kv_cache(Tensor(a!) kv_cache, Tensor key, Tensor value, Tensor slot_mapping) -> ()");
@@ -39,6 +47,8 @@ TORCH_LIBRARY_FRAGMENT(frugal, m) {
 
 TORCH_LIBRARY_IMPL(frugal, CPU, m) {
   m.impl("int4_linear", &frugal::int4_linear);
+  m.impl("int4_x16_linear", &frugal::int4_x16_linear);
+  m.impl("int8_x16_linear", &frugal::int8_x16_linear);
   m.impl("int8_linear", &frugal::int8_linear);
   m.impl("bf16_linear", &frugal::bf16_linear);
   m.impl("write_kv_cache", &frugal::write_kv_cache);

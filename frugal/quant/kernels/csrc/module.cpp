@@ -14,6 +14,14 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qweight, const at:
 at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                        int64_t max_gemv_rows);
 int64_t read_probe(const at::Tensor& buffer);
+at::Tensor int4_x16_linear(const at::Tensor& x_in, const at::Tensor& qweight, const at::Tensor& scales,
+                           const c10::optional<at::Tensor>& zeros, int64_t group_size,
+                           const c10::optional<at::Tensor>& bias, int64_t max_gemv_rows);
+at::Tensor int4_x16_dequantize(const at::Tensor& qweight, const at::Tensor& scales,
+                               const c10::optional<at::Tensor>& zeros, int64_t group_size, at::ScalarType dtype);
+bool has_vnni_path();
+at::Tensor int8_x16_linear(const at::Tensor& x_in, const at::Tensor& qweight, const at::Tensor& scales,
+                           const c10::optional<at::Tensor>& bias, int64_t max_gemv_rows);
 }  // namespace frugal
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -22,6 +30,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_dequantize", &frugal::int4_dequantize, "INT4 kernel-layout weights -> dense");
   m.def("int8_linear", &frugal::int8_linear, "INT8 per-channel weight-only linear");
   m.def("bf16_linear", &frugal::bf16_linear, "BF16 streaming linear");
+  m.def("int4_x16_linear", &frugal::int4_x16_linear, "INT4 (x16 layout) x INT8-rounded activations, AVX512-VNNI");
+  m.def("int4_x16_dequantize", &frugal::int4_x16_dequantize, "INT4 x16-layout weights -> dense");
+  m.def("int8_x16_linear", &frugal::int8_x16_linear, "INT8 (x16 layout) x INT8-rounded activations, AVX512-VNNI");
+  m.def("has_vnni_path", &frugal::has_vnni_path, "whether this CPU has AVX512-VNNI (the x16 kernel)");
   m.def("read_probe", &frugal::read_probe, "read a uint8 buffer once (memory bandwidth probe)");
   m.def("has_fast_path", &frugal::cpu_has_avx512_bf16, "whether this CPU has AVX512-BF16 (else every call dequantises)");
 }

@@ -1,0 +1,106 @@
+"""The INT4 x INT8-activation (VNNI) kernel against its oracle: dequantise-then-matmul fed the same
+INT8-rounded activations; plus the x16 layout round trip and the engine using it by default."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from frugal.quant.int4 import (dequantize_int4, from_x16_layout, pack_nibbles, quantize_int4,
+                               round_activations_int8, to_x16_layout)
+
+
+@pytest.fixture(scope="module")
+def vnni_ops(cpu_ops):
+    if not cpu_ops.has_vnni_path():
+        pytest.skip("this CPU lacks AVX512-VNNI")
+    return cpu_ops
+
+
+def test_x16_layout_round_trips():
+    for rows in (16, 48):
+        qweight = pack_nibbles(torch.randint(0, 16, (rows, 192), dtype=torch.uint8))
+        scales = torch.randn(rows, 6).half()
+        zeros = torch.randint(0, 16, (rows, 6), dtype=torch.uint8)
+        x16 = to_x16_layout(qweight, scales, zeros)
+        assert all(a.shape == b.shape and a.dtype == b.dtype for a, b in zip(x16, (qweight, scales, zeros)))
+        assert not torch.equal(x16[0], qweight)  # really repacked
+        back = from_x16_layout(*x16)
+        assert torch.equal(back[0], qweight) and torch.equal(back[1], scales) and torch.equal(back[2], zeros)
+
+
+def test_activation_rounding_reference():
+    x = torch.tensor([[0.0] * 31 + [1.27], [-2.54] + [0.0] * 31]).repeat(1, 2)[:, :50]
+    y = round_activations_int8(x)
+    assert y.shape == x.shape
+    torch.testing.assert_close(y, x)  # the block maximum and zeros are exact
+    x = torch.randn(3, 100)
+    err = (round_activations_int8(x) - x).abs()
+    blocks = F.pad(x, (0, 28)).view(3, -1, 32).abs().amax(-1).repeat_interleave(32, 1)[:, :100]
+    assert bool((err <= blocks / 254 + 1e-7).all())  # at most half a step of max|x| / 127
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("group_size,scheme,in_features", [(32, "sym", 128), (64, "asym", 192), (128, "sym", 576),
+                                                           (128, "asym", 172), (32, "asym", 64)])
+@pytest.mark.parametrize("num_rows", [1, 3, 6, 40])
+def test_vnni_kernel_matches_oracle_on_rounded_activations(vnni_ops, dtype, group_size, scheme, in_features,
+                                                           num_rows):
+    torch.manual_seed(num_rows)
+    out_features = 48
+    packed = quantize_int4(torch.randn(out_features, in_features) * 0.05, group_size, scheme)
+    weight = dequantize_int4(packed.qweight, packed.scales, packed.qzeros, group_size, in_features).double()
+    x = torch.randn(num_rows, in_features).to(dtype)
+    bias = (torch.randn(out_features) * 0.1).to(dtype)
+    qweight, scales, qzeros = to_x16_layout(packed.qweight, packed.scales, packed.qzeros)
+    y = vnni_ops.int4_x16_linear(x, qweight, scales, qzeros, group_size, bias, 2**62)
+    assert y.dtype == dtype and y.shape == (num_rows, out_features)
+    # Integer dot products are exact: only fp32 summation order (and bf16 output rounding) differ.
+    expected = round_activations_int8(x).double() @ weight.t() + bias.double()
+    tolerance = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=1e-2)
+    torch.testing.assert_close(y.double(), expected, **tolerance)
+    # Against unrounded activations the error is the rounding's, small next to the output.
+    exact = x.double() @ weight.t() + bias.double()
+    assert (y.double() - exact).norm() < 0.02 * exact.norm()
+    # Above max_gemv_rows the kernel dequantises for the BLAS and keeps activations exact.
+    y_blas = vnni_ops.int4_x16_linear(x, qweight, scales, qzeros, group_size, bias, 0)
+    torch.testing.assert_close(y_blas.double(), F.linear(x.float(), weight.float().to(dtype).float(),
+                                                         bias.float()).double(),
+                               **(dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)))
+
+
+def test_vnni_dequantize_is_exact(vnni_ops):
+    packed = quantize_int4(torch.randn(32, 256), 64, "asym")
+    weight = dequantize_int4(packed.qweight, packed.scales, packed.qzeros, 64, 256)
+    x16 = to_x16_layout(packed.qweight, packed.scales, packed.qzeros)
+    assert torch.equal(vnni_ops.int4_x16_dequantize(*x16, 64, torch.float32), weight)
+
+
+def test_vnni_kernel_rejects_bad_shapes(vnni_ops):
+    packed = quantize_int4(torch.randn(20, 64), 32, "sym")  # 20 rows: not a multiple of 16
+    with pytest.raises(RuntimeError, match="16"):
+        vnni_ops.int4_x16_linear(torch.randn(1, 64), packed.qweight, packed.scales, None, 32, None, 16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_rows", [1, 5, 40])
+def test_int8_vnni_kernel_matches_oracle_on_rounded_activations(vnni_ops, dtype, num_rows):
+    from frugal.quant.int8 import dequantize_int8, from_x16_layout as int8_from_x16, quantize_int8
+    from frugal.quant.int8 import to_x16_layout as int8_to_x16
+
+    torch.manual_seed(num_rows)
+    packed = quantize_int8(torch.randn(32, 96))
+    weight = dequantize_int8(packed.qweight, packed.scales).double()
+    tiled = int8_to_x16(packed.qweight)
+    assert torch.equal(int8_from_x16(tiled), packed.qweight) and not torch.equal(tiled, packed.qweight)
+    x = torch.randn(num_rows, 96).to(dtype)
+    y = vnni_ops.int8_x16_linear(x, tiled, packed.scales, None, 2**62)
+    assert y.dtype == dtype and y.shape == (num_rows, 32)
+    expected = round_activations_int8(x).double() @ weight.t()
+    tolerance = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=1e-2)
+    torch.testing.assert_close(y.double(), expected, **tolerance)
+    y_blas = vnni_ops.int8_x16_linear(x, tiled, packed.scales, None, 0)  # dequantise + BLAS: exact activations
+    oracle = F.linear(x.float(), weight.float().to(dtype).float()).double()  # the BLAS multiplies dtype weights
+    torch.testing.assert_close(y_blas.double(), oracle,
+                               **(dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)))
