@@ -235,6 +235,10 @@ def load_model(model_dir: Path | str, arch: ArchConfig, dtype: torch.dtype, devi
         model = model_cls(arch, backend, max_position=max_position, linear_method=linear_method or methods.linear,
                           **method_kwargs)
     materialize(model, dtype, device)
+    if device.type == "cpu":  # before the weights are copied in: pages get their backing on first touch
+        from frugal.model.huge_pages import advise_module
+
+        advise_module(model)
     if quant is not None and not prequantized:
         weights = quantize_stream(iterate_weights(files, progress, desc=f"quantizing to {quant.name}"), quant,
                                   arch.tie_word_embeddings)

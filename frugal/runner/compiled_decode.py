@@ -41,8 +41,11 @@ from frugal.layers.attention_metadata import AttentionMetadata, DecodeTensors
 logger = logging.getLogger(__name__)
 
 # Inductor options: the C++ wrapper removes the Python of the generated code; the size/stride asserts
-# it would emit around every extern kernel call cost more than the rest of the wrapper.
-INDUCTOR_OPTIONS = {"cpp_wrapper": True, "size_asserts": False, "alignment_asserts": False}
+# it would emit around every extern kernel call cost more than the rest of the wrapper. `cpp.threads: 1`
+# keeps Inductor's own (tiny, decode-sized) loops out of OpenMP: its worker threads competed with the
+# kernels' work-sharing helpers for 2 cores (TinyLlama INT4, 2 threads: compiled 30.7 tok/s against 37
+# eager before, 35.7-36.7 against 35.8 after; `frugal bench decode ... --compile`).
+INDUCTOR_OPTIONS = {"cpp_wrapper": True, "size_asserts": False, "alignment_asserts": False, "cpp.threads": 1}
 
 
 _fakes_registered = False
