@@ -77,7 +77,6 @@ class LMHead(nn.Module):
         assert own == set(shared), f"cannot tie an LM head with {sorted(own)} to an embedding with {sorted(shared)}"
         for name, param in shared.items():
             setattr(self, name, param)
-        self.tied = True  # the tensors are the embedding's: kernels must not repack them
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         assert shard_id is None

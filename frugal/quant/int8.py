@@ -89,11 +89,12 @@ class Int8LinearMethod(QuantizedLinearMethod):
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         n, k = layer.qweight.shape
-        shared = getattr(layer, "tied", False)  # an LM head tied to the embedding: lookups read it row-major
-        layer.int8_x16 = self.int8_activations and n % X16_ROWS == 0 and k % 32 == 0 and not shared
+        layer.int8_x16 = self.int8_activations and n % X16_ROWS == 0 and k % 32 == 0
         if self.backend == "cpu" and layer.int8_x16:
             with torch.no_grad():
                 layer.qweight.copy_(to_x16_layout(layer.qweight))
+            # A head tied to the embedding shares this tensor: the flag on the tensor tells the lookup.
+            layer.qweight.x16_layout = True
 
     def tensor_specs(self, input_size: int, output_size: int) -> dict[str, TensorSpec]:
         return _int8_specs(output_size, input_size)
@@ -133,5 +134,11 @@ class Int8EmbeddingMethod(EmbeddingMethod):
             layer.register_parameter(name, param)
 
     def embed(self, layer: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-        rows = F.embedding(input_ids, layer.qweight).float()  # [num_tokens, hidden]
+        qweight = layer.qweight
+        if getattr(qweight, "x16_layout", False):  # repacked by a tied INT8 LM head: row r is lane r % 16
+            vocab, hidden = qweight.shape
+            tiles = qweight.view(vocab // X16_ROWS, hidden // 4, X16_ROWS, 4)
+            rows = tiles[input_ids // X16_ROWS, :, input_ids % X16_ROWS, :].reshape(-1, hidden).float()
+        else:
+            rows = F.embedding(input_ids, qweight).float()  # [num_tokens, hidden]
         return (rows * layer.scales[input_ids].unsqueeze(1)).to(self.dtype)

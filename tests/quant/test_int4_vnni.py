@@ -104,3 +104,33 @@ def test_int8_vnni_kernel_matches_oracle_on_rounded_activations(vnni_ops, dtype,
     oracle = F.linear(x.float(), weight.float().to(dtype).float()).double()  # the BLAS multiplies dtype weights
     torch.testing.assert_close(y_blas.double(), oracle,
                                **(dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)))
+
+
+def test_tied_int8_head_on_the_vnni_kernel_keeps_lookups_right(vnni_ops, tiny_tied):
+    """A tied INT8 head is repacked for the VNNI kernel; the embedding shares the tensor and must still
+    find each token's row."""
+    from frugal.model.arch_config import load_arch_config
+    from frugal.model.loader import load_model
+    from frugal.quant.config import QuantConfig
+    from frugal.runner.kv_cache import allocate_kv_caches
+    from model.helpers import run_schedule
+
+    arch = load_arch_config(tiny_tied)
+    quant = QuantConfig.create("int4", group_size=64)
+    logits = {}
+    for backend in ("cpu", "reference"):
+        model = load_model(tiny_tied, arch, torch.float32, "cpu", progress=False, quantization=quant,
+                           kernel_backend=backend, quant_activations="int8")
+        kv_caches = allocate_kv_caches(arch, 4, 16, torch.float32, "cpu")
+        tokens = [1, 17, 99, 250, 3, 77, 411, 8, 8, 120, 64, 301]
+        logits[backend] = run_schedule(model, kv_caches, [tokens], [[0, 1, 2, 3]], [[8, 1, 1, 1, 1]], 16)[0]
+        if backend == "cpu":
+            assert model.lm_head.qweight is model.model.embed_tokens.qweight
+            assert model.lm_head.int8_x16 and model.lm_head.qweight.x16_layout
+            ids = torch.tensor([0, 5, 17, arch.vocab_size - 1])
+            from frugal.quant.int8 import from_x16_layout
+
+            canonical = from_x16_layout(model.lm_head.qweight)
+            expected = canonical[ids].float() * model.lm_head.scales[ids, None]
+            torch.testing.assert_close(model.model.embed_tokens(ids).float(), expected)
+    torch.testing.assert_close(logits["cpu"], logits["reference"], atol=1e-4, rtol=1e-4)

@@ -40,6 +40,10 @@ constexpr int kRowsPerTile = 16;
 // Software prefetch distance along a thread's sequential weight stream; measured on Zen 4 with 2 threads
 // (TinyLlama decode shapes): none 29.8-30.2 GB/s, 4 KiB ahead 30.6-31.4, 8 KiB 29.9-30.7, 16 KiB 29.3-30.1.
 constexpr int64_t kVnniPrefetchBytes = 4096;
+// Weight bytes from which a call shares its tiles with the helper threads. These kernels have compute to
+// spare, so a second thread pays off on smaller layers than in int4_cpu.cpp: SmolLM2-135M's 120 decode
+// projections (2 threads, one-off sweep) took 2.49 ms at 512 KiB, 2.10 at 256, 1.95 at 128, 2.08 at 64.
+constexpr int64_t kX16ParallelMinBytes = 128 * 1024;
 
 // Activations quantized per 32-block: q [M, Kp] int8, d [M, Kp/32] fp32 scales, sum [M, Kp/32] int32.
 struct Q8Rows {
@@ -211,7 +215,7 @@ at::Tensor int4_x16_linear(const at::Tensor& x_in, const at::Tensor& qweight, co
   const int64_t num_tiles = N / kRowsPerTile, tile_bytes = kRowsPerTile * Kp / 2;
   constexpr int64_t kTilesPerChunk = 4;  // 64 output rows: 64 KiB of weights at K = 2048
   const int64_t num_chunks = (num_tiles + kTilesPerChunk - 1) / kTilesPerChunk;
-  const bool share = N * Kp / 2 >= 512 * 1024;  // below ~0.5 MiB a second thread costs more than it saves
+  const bool share = N * Kp / 2 >= kX16ParallelMinBytes;
   WorkSharing::instance().run(share ? num_chunks : -num_chunks, [&](int64_t chunk) {
     for (int64_t t = chunk * kTilesPerChunk; t < std::min(num_tiles, (chunk + 1) * kTilesPerChunk); ++t) {
       const uint8_t* tq = qw + t * tile_bytes;
@@ -294,7 +298,7 @@ at::Tensor int8_x16_linear(const at::Tensor& x_in, const at::Tensor& qweight, co
   const int64_t num_tiles = N / kRowsPerTile, tile_bytes = kRowsPerTile * K;
   constexpr int64_t kTilesPerChunk = 2;  // 32 output rows: 64 KiB of weights at K = 2048
   const int64_t num_chunks = (num_tiles + kTilesPerChunk - 1) / kTilesPerChunk;
-  const bool share = N * K >= 512 * 1024;
+  const bool share = N * K >= kX16ParallelMinBytes;
   WorkSharing::instance().run(share ? num_chunks : -num_chunks, [&](int64_t chunk) {
     for (int64_t t = chunk * kTilesPerChunk; t < std::min(num_tiles, (chunk + 1) * kTilesPerChunk); ++t) {
       int64_t m = 0;
