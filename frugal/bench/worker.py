@@ -42,7 +42,8 @@ def run_spec(spec: dict) -> dict:
 
         return measure_frugal(spec["model"], spec.get("quantization"), spec.get("dtype", "bfloat16"), len(prompt),
                               gen_len, repeats, threads, prompt=prompt,
-                              quant_activations=spec.get("quant_activations", "int8"))
+                              quant_activations=spec.get("quant_activations", "int8"),
+                              compile=spec.get("compile", False))
     from frugal.model.arch_config import load_arch_config
 
     arch = load_arch_config(spec["model"])

@@ -43,9 +43,9 @@ def add_decode_bench_parsers(bench_sub) -> None:
 
     peers = bench_sub.add_parser("peers", help="frugal vs llama.cpp (llama-cpp-python) vs HF transformers")
     _common(peers)
-    peers.add_argument("--frugal", nargs="+", default=["bf16", "int8", "int4", "int4-exact"],
-                       help="frugal configurations: bf16, int8, int4 (INT8-rounded activations, VNNI), int4-exact "
-                            "(activations kept in bf16)")
+    peers.add_argument("--frugal", nargs="+", default=["bf16", "int8", "int4", "int4-exact", "int4-compile"],
+                       help="frugal configurations: bf16, int8, int4 (INT8-rounded activations, VNNI); suffix -exact "
+                            "keeps activations in bf16, -compile torch.compiles the decode step (e.g. int4-exact)")
     peers.add_argument("--llama-cpp", nargs="*", default=["BF16", "Q8_0", "Q4_0"],
                        help="llama.cpp GGUF types (F16, BF16, F32 converted by frugal; Q8_0, Q4_0 by llama.cpp)")
     peers.add_argument("--no-hf", action="store_true", help="skip HF transformers")

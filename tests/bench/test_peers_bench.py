@@ -35,4 +35,6 @@ def test_bench_peers_on_a_tiny_model(stories260k, tmp_path):
     assert set(results["ratios"]) >= {"frugal int4-g32-sym / llama.cpp Q4_0", "frugal bf16 / llama.cpp F16"}
     for row in results["runs"]:
         assert row["decode_tokens_per_s"] > 0 and row["peak_rss_bytes"] > 0 and row["roofline_fraction"] > 0
+        assert 0 < row["roofline_fraction_vs_observed"] <= min(row["roofline_fraction"], 1.0) + 1e-9
+    assert results["bandwidth"]["best_observed_gb_s"] >= results["bandwidth"]["bandwidth_gb_s"]
     assert "use_extra_bufts=False" in results["llama_cpp_note"]
