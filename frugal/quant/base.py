@@ -95,7 +95,10 @@ def build_quant_methods(config: QuantConfig | None, dtype: torch.dtype, device: 
     from frugal.quant.int4 import Int4LinearMethod
     from frugal.quant.int8 import Int8EmbeddingMethod, Int8LinearMethod
 
-    backend = backend or select_backend(device)
+    if backend is None:
+        backend = select_backend(device)
+        if backend != "cpu":  # rounding activations only pays on the VNNI kernels; elsewhere it is just slower
+            quant_activations = "exact"
     dense = CpuDenseLinearMethod() if backend == "cpu" and dtype == torch.bfloat16 else None
     if config is None:
         return QuantMethods(linear=dense, lm_head=dense)

@@ -134,3 +134,17 @@ def test_tied_int8_head_on_the_vnni_kernel_keeps_lookups_right(vnni_ops, tiny_ti
             expected = canonical[ids].float() * model.lm_head.scales[ids, None]
             torch.testing.assert_close(model.model.embed_tokens(ids).float(), expected)
     torch.testing.assert_close(logits["cpu"], logits["reference"], atol=1e-4, rtol=1e-4)
+
+
+def test_fallback_backend_keeps_activations_exact():
+    """Without our kernels (the automatic 'reference' fallback) rounding would only cost time: exact."""
+    from frugal.quant.base import build_quant_methods
+    from frugal.quant.config import QuantConfig
+
+    for quant in ("int4", "int8"):
+        config = QuantConfig.create(quant)
+        auto = build_quant_methods(config, torch.float32, "meta", False, quant_activations="int8")
+        assert not auto.linear.int8_activations and not auto.lm_head.int8_activations
+        oracle = build_quant_methods(config, torch.float32, "meta", False, backend="reference",
+                                     quant_activations="int8")
+        assert oracle.linear.int8_activations  # forced 'reference' stays the VNNI path's oracle
