@@ -105,9 +105,9 @@ class ModelConfig:
     # torch.compile the CPU decode step (frugal.runner.compiled_decode); off by default: the first
     # decode step then compiles for about a minute (cached on disk afterwards).
     compile: bool = False
-    # How INT4 weights meet activations on CPU: 'int8' rounds activations to INT8 per block of 32 and
-    # multiplies with AVX512-VNNI (llama.cpp's Q4_0 x Q8_0 scheme; the fast path), 'exact' keeps them in
-    # the model dtype (the dequantize-then-matmul oracle's numerics). CPUs without VNNI run 'exact'.
+    # How INT4/INT8 weights meet activations on CPU: 'int8' rounds activations to INT8 per block of 32 and
+    # multiplies with AVX512-VNNI (llama.cpp's Q4_0/Q8_0 x Q8_0 scheme; the fast path), 'exact' keeps them
+    # in the model dtype (the dequantize-then-matmul oracle's numerics). CPUs without VNNI run 'exact'.
     quant_activations: str = "int8"
 
     def __post_init__(self) -> None:

@@ -86,8 +86,8 @@ def measure_frugal(model_dir: Path | str, quantization=None, dtype: str = "bfloa
         "decode_bytes_per_token": traffic["total_bytes"], "traffic": traffic, "output_token_ids": output,
         "attention_backend": type(engine.model.model.layers[0].self_attn.attn.backend).__name__,
         "compiled": engine.runner.model_forward is not engine.model,
-        "quant_activations": ("int8" if any(getattr(m, "int4_x16", False) for m in engine.model.modules())
-                             else "exact") if quant is not None and quant.bits == 4 else None,
+        "quant_activations": ("int8" if any(getattr(m, "int4_x16", False) or getattr(m, "int8_x16", False)
+                                            for m in engine.model.modules()) else "exact") if quant else None,
     }
 
 

@@ -37,7 +37,7 @@ def add_decode_bench_parsers(bench_sub) -> None:
         parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                             help="torch.compile the decode step (the warm-up run compiles it)")
         parser.add_argument("--quant-activations", default="int8", choices=["int8", "exact"],
-                            help="INT4: INT8-rounded activations on the VNNI kernel (default) or exact ones")
+                            help="INT4/INT8: INT8-rounded activations on the VNNI kernels (default) or exact ones")
         add_quant_options(parser, with_bits=False)
         parser.set_defaults(func=cmd_decode, bench_kind=kind)
 

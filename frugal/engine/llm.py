@@ -61,8 +61,8 @@ class LLM:
         `RequestOutput.metrics.spec`.
         `compile`: run CPU decode steps through torch.compile (Inductor, C++ wrapper): less Python per
         token, same output; the first decode step compiles (about a minute; cached on disk).
-        `quant_activations`: 'int8' (default) rounds activations to INT8 per 32-block for the INT4 VNNI
-        kernel, as llama.cpp's Q4_0 does; 'exact' keeps them in the model dtype (slower)."""
+        `quant_activations`: 'int8' (default) rounds activations to INT8 per 32-block for the INT4/INT8
+        VNNI kernels, as llama.cpp's Q4_0/Q8_0 do; 'exact' keeps them in the model dtype (slower)."""
         config = EngineConfig(
             quant=QuantConfig.create(quantization),
             speculative=SpecConfig.parse(speculative),
