@@ -25,8 +25,10 @@ def add_quant_options(parser: argparse.ArgumentParser, with_bits: bool) -> None:
     group.add_argument("--group-size", type=int, default=None, choices=[32, 64, 128],
                        help="INT4 input features per scale (default 32)")
     group.add_argument("--scheme", default=None, choices=["sym", "asym"], help="INT4 zero point (default sym)")
-    group.add_argument("--embedding-bits", type=int, default=None, choices=[8, 16], help="default 8")
-    group.add_argument("--lm-head-bits", type=int, default=None, choices=[8, 16], help="default 8")
+    group.add_argument("--embedding-bits", type=int, default=None, choices=[4, 8, 16],
+                       help="default 8; 4 needs INT4 layers and an untied head")
+    group.add_argument("--lm-head-bits", type=int, default=None, choices=[4, 8, 16],
+                       help="default 8; 4 needs INT4 layers and an untied head")
 
 
 def quant_config_from_args(args: argparse.Namespace, method: str = "rtn"):

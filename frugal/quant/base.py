@@ -64,6 +64,24 @@ class QuantizedLinearMethod(LinearMethod):
         raise NotImplementedError
 
 
+REPACK_ROWS_PER_CHUNK = 4096  # a multiple of every kernel layout's row tile (4, 16)
+
+
+def repack_in_row_chunks(tensors: list[torch.Tensor | None], repack, rows_per_chunk: int = REPACK_ROWS_PER_CHUNK) -> None:
+    """Apply a row-tiled layout change in place, a chunk of rows at a time: tiles never straddle chunks,
+    and a tile occupies the same bytes as its rows did, so the result equals repacking the whole tensor while
+    the temporaries stay at one chunk (an LM head's 32000-row table would otherwise peak at ~3x its size).
+    `repack(*chunks) -> new chunks` (None entries pass through)."""
+    rows = tensors[0].shape[0]
+    with torch.no_grad():
+        for start in range(0, rows, rows_per_chunk):
+            end = min(rows, start + rows_per_chunk)
+            chunks = [None if t is None else t[start:end] for t in tensors]
+            for chunk, new in zip(chunks, repack(*chunks)):
+                if chunk is not None:
+                    chunk.copy_(new)
+
+
 @dataclass(frozen=True)
 class QuantMethods:
     """What `load_model` hands the model: one method per role (None = the model's default)."""
@@ -92,7 +110,7 @@ def build_quant_methods(config: QuantConfig | None, dtype: torch.dtype, device: 
     `backend` forces 'cpu' / 'cuda' / 'reference' (tests use 'reference' as the oracle);
     `quant_activations` 'int8' picks the VNNI kernels for INT4/INT8 on CPU (see Int4LinearMethod)."""
     from frugal.quant.dense import CpuDenseLinearMethod
-    from frugal.quant.int4 import Int4LinearMethod
+    from frugal.quant.int4 import Int4EmbeddingMethod, Int4LinearMethod
     from frugal.quant.int8 import Int8EmbeddingMethod, Int8LinearMethod
 
     if backend is None:
@@ -106,9 +124,16 @@ def build_quant_methods(config: QuantConfig | None, dtype: torch.dtype, device: 
         linear = Int4LinearMethod(config.group_size, config.scheme, backend, activations=quant_activations)
     else:
         linear = Int8LinearMethod(backend, activations=quant_activations)
-    lm_head = Int8LinearMethod(backend, activations=quant_activations) if config.lm_head_bits == 8 else dense
+    if tied and config.lm_head_bits == 4:
+        raise ConfigError("an INT4 LM head tied to the embedding is not supported (its lookups would read the "
+                          "kernel layout); use lm_head_bits 8 or 16")
+    if config.lm_head_bits == 4:
+        lm_head = Int4LinearMethod(config.group_size, config.scheme, backend, activations=quant_activations)
+    else:
+        lm_head = Int8LinearMethod(backend, activations=quant_activations) if config.lm_head_bits == 8 else dense
     embedding_bits = config.lm_head_bits if tied else config.embedding_bits
-    embedding = Int8EmbeddingMethod(dtype) if embedding_bits == 8 else None
+    embedding = (Int8EmbeddingMethod(dtype) if embedding_bits == 8
+                 else Int4EmbeddingMethod(config.group_size, config.scheme, dtype) if embedding_bits == 4 else None)
     return QuantMethods(linear=linear, lm_head=lm_head, embedding=embedding)
 
 
@@ -175,9 +200,12 @@ def quantize_tensor(name: str, tensor: torch.Tensor, config: QuantConfig, tied: 
             tensors = quantize_int8(tensor).tensors()
         return [(f"{stem}.{k}", v) for k, v in tensors.items()]
     head_bits = config.lm_head_bits
-    if (name == LM_HEAD_NAME and head_bits == 8) or (
-            name == EMBEDDING_NAME and (head_bits if tied else config.embedding_bits) == 8):
+    bits = head_bits if name == LM_HEAD_NAME else (head_bits if tied else config.embedding_bits)
+    if name in (LM_HEAD_NAME, EMBEDDING_NAME) and bits == 8:
         return [(f"{stem}.{k}", v) for k, v in quantize_int8(tensor).tensors().items()]
+    if name in (LM_HEAD_NAME, EMBEDDING_NAME) and bits == 4:
+        tensors = quantize_int4(tensor, config.group_size, config.scheme).tensors()
+        return [(f"{stem}.{k}", v) for k, v in tensors.items()]
     return [(name, tensor)]
 
 

@@ -5,7 +5,8 @@
   (q in -8..7, like llama.cpp's Q4_0) or 'asym' (q in 0..15 with a per-group zero point).
 - `bits=8`: INT8 per output channel, symmetric (q in -127..127); `group_size` and `scheme` do not apply.
 - `embedding_bits` / `lm_head_bits`: 16 keeps those tensors in the model dtype, 8 stores them INT8
-  per row. A tied embedding/head is one tensor and follows `lm_head_bits`.
+  per row, 4 (with bits=4, not for a tied pair) INT4 with the layers' group size and scheme. A tied
+  embedding/head is one tensor and follows `lm_head_bits`.
 - `method`: how the decoder weights were rounded: 'rtn' (round to nearest, what quantizing at load
   does) or 'gptq' (error-compensating calibration, Frantar et al. 2022; `frugal quantize --method gptq`).
 
@@ -46,8 +47,10 @@ class QuantConfig:
             if self.scheme != "sym":
                 raise ConfigError(f"INT8 is symmetric; scheme must be 'sym', got {self.scheme!r}")
         for name in ("embedding_bits", "lm_head_bits"):
-            if getattr(self, name) not in (8, 16):
-                raise ConfigError(f"{name} must be 8 or 16, got {getattr(self, name)!r}")
+            if getattr(self, name) not in (4, 8, 16):
+                raise ConfigError(f"{name} must be 4, 8 or 16, got {getattr(self, name)!r}")
+            if getattr(self, name) == 4 and self.bits != 4:
+                raise ConfigError(f"{name}=4 needs bits=4 (it uses the layers' group size and scheme)")
         if self.method not in ("rtn", "gptq"):
             raise ConfigError(f"quantization method must be 'rtn' or 'gptq', got {self.method!r}")
 
@@ -72,6 +75,8 @@ class QuantConfig:
         label = f"int4-g{self.group_size}-{self.scheme}" if self.bits == 4 else "int8"
         if self.method != "rtn":
             label += f"-{self.method}"
+        if (self.embedding_bits, self.lm_head_bits) != (8, 8):
+            label += f"-emb{self.embedding_bits}-head{self.lm_head_bits}"
         return label
 
     def to_json(self) -> dict[str, Any]:

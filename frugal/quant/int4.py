@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from frugal.quant.base import QuantizedLinearMethod, TensorSpec
+from frugal.layers.embedding import EmbeddingMethod
+from frugal.quant.base import QuantizedLinearMethod, TensorSpec, repack_in_row_chunks
 
 logger = logging.getLogger(__name__)
 
@@ -262,14 +263,8 @@ class Int4LinearMethod(QuantizedLinearMethod):
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         layer.int4_x16 = self.int8_activations and layer.qweight.shape[0] % X16_ROWS == 0
         if self.backend == "cpu":
-            qzeros = getattr(layer, "qzeros", None)
             repack = to_x16_layout if layer.int4_x16 else to_kernel_layout
-            qweight, scales, zeros = repack(layer.qweight, layer.scales, qzeros)
-            with torch.no_grad():
-                layer.qweight.copy_(qweight)
-                layer.scales.copy_(scales)
-                if qzeros is not None:
-                    qzeros.copy_(zeros)
+            repack_in_row_chunks([layer.qweight, layer.scales, getattr(layer, "qzeros", None)], repack)
         elif self.backend == "cuda":
             from frugal.quant.cuda import pack_for_tinygemm
 
@@ -303,3 +298,27 @@ class Int4LinearMethod(QuantizedLinearMethod):
         if qzeros is not None:
             tensors["qzeros"] = qzeros
         return tensors
+
+
+class Int4EmbeddingMethod(EmbeddingMethod):
+    """Embedding rows stored INT4 in the checkpoint layout (`qweight [vocab, Kp/2]`, `scales`, `qzeros`
+    for asym, groups along the hidden dimension); a lookup dequantises only the rows it reads and returns
+    them in `dtype`. Never repacked, so it cannot share its tensors with an INT4 LM head (not tied)."""
+
+    def __init__(self, group_size: int, scheme: str, dtype: torch.dtype) -> None:
+        self.group_size, self.scheme, self.dtype = group_size, scheme, dtype
+
+    def create_weights(self, layer: nn.Module, vocab_size: int, hidden_size: int, params_dtype: torch.dtype) -> None:
+        layer.hidden_size = hidden_size
+        specs = Int4LinearMethod(self.group_size, self.scheme).tensor_specs(hidden_size, vocab_size)
+        for name, spec in specs.items():
+            param = nn.Parameter(torch.empty(spec.shape, dtype=spec.dtype), requires_grad=False)
+            param.weight_loader = layer.weight_loader
+            param.keep_dtype = True
+            layer.register_parameter(name, param)
+
+    def embed(self, layer: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+        qzeros = getattr(layer, "qzeros", None)
+        rows = dequantize_int4(layer.qweight[input_ids], layer.scales[input_ids],
+                               None if qzeros is None else qzeros[input_ids], self.group_size, layer.hidden_size)
+        return rows.to(self.dtype)  # [num_tokens, hidden]

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from frugal.layers.embedding import EmbeddingMethod
-from frugal.quant.base import QuantizedLinearMethod, TensorSpec
+from frugal.quant.base import QuantizedLinearMethod, TensorSpec, repack_in_row_chunks
 
 
 @dataclass
@@ -91,8 +91,7 @@ class Int8LinearMethod(QuantizedLinearMethod):
         n, k = layer.qweight.shape
         layer.int8_x16 = self.int8_activations and n % X16_ROWS == 0 and k % 32 == 0
         if self.backend == "cpu" and layer.int8_x16:
-            with torch.no_grad():
-                layer.qweight.copy_(to_x16_layout(layer.qweight))
+            repack_in_row_chunks([layer.qweight], lambda chunk: [to_x16_layout(chunk)])
             # A head tied to the embedding shares this tensor: the flag on the tensor tells the lookup.
             layer.qweight.x16_layout = True
 

@@ -80,7 +80,7 @@ def test_quant_config_validates_and_round_trips_through_json():
     assert QuantConfig.create(None) is None and QuantConfig.create("none") is None
     assert QuantConfig.create("int8").group_size is None
     for bad in (dict(bits=3), dict(bits=4, group_size=48), dict(bits=4, scheme="nf4"), dict(bits=8, group_size=32),
-                dict(bits=4, lm_head_bits=4), dict(bits=4, method="awq")):
+                dict(bits=4, lm_head_bits=2), dict(bits=8, embedding_bits=4), dict(bits=4, method="awq")):
         with pytest.raises(ConfigError):
             QuantConfig(**bad)
     with pytest.raises(ConfigError, match="int4"):

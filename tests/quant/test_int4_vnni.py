@@ -148,3 +148,22 @@ def test_fallback_backend_keeps_activations_exact():
         oracle = build_quant_methods(config, torch.float32, "meta", False, backend="reference",
                                      quant_activations="int8")
         assert oracle.linear.int8_activations  # forced 'reference' stays the VNNI path's oracle
+
+
+def test_chunked_repack_equals_whole_tensor_repack():
+    from frugal.quant.base import repack_in_row_chunks
+    from frugal.quant.int4 import to_kernel_layout
+    from frugal.quant.int8 import to_x16_layout as int8_to_x16
+
+    for repack, rows in ((to_x16_layout, 80), (to_kernel_layout, 83)):  # 83: a 4-row layout with a tail
+        qweight = pack_nibbles(torch.randint(0, 16, (rows, 128), dtype=torch.uint8))
+        scales = torch.randn(rows, 4).half()
+        zeros = torch.randint(0, 16, (rows, 4), dtype=torch.uint8)
+        whole = repack(qweight, scales, zeros)
+        tensors = [qweight.clone(), scales.clone(), zeros.clone()]
+        repack_in_row_chunks(tensors, repack, rows_per_chunk=32)
+        assert all(torch.equal(a, b) for a, b in zip(tensors, whole))
+    table = torch.randint(-127, 128, (64, 96), dtype=torch.int8)
+    chunked = table.clone()
+    repack_in_row_chunks([chunked], lambda chunk: [int8_to_x16(chunk)], rows_per_chunk=16)
+    assert torch.equal(chunked, int8_to_x16(table))

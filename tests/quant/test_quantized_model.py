@@ -122,3 +122,30 @@ def test_greedy_output_is_stable_across_runs_and_batch_sizes(cpu_ops, tiny_llama
     again = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
     assert alone == batched == again
     assert all(len(tokens) == 12 for tokens in alone)
+
+
+@pytest.mark.parametrize("quant_activations", ["exact", "int8"])
+def test_int4_embedding_and_lm_head(cpu_ops, tiny_llama, tiny_tied, tmp_path, quant_activations):
+    quant = QuantConfig.create("int4", embedding_bits=4, lm_head_bits=4)
+    assert quant.name == "int4-g32-sym-emb4-head4"
+    model, ours = logits_of(tiny_llama, quant, "cpu", quant_activations=quant_activations)
+    _, oracle = logits_of(tiny_llama, quant, "reference", quant_activations=quant_activations)
+    torch.testing.assert_close(ours, oracle, atol=1e-4, rtol=1e-4)
+    assert model.lm_head.qweight.dtype == torch.uint8 and model.model.embed_tokens.qweight.dtype == torch.uint8
+    _, int8_head = logits_of(tiny_llama, QuantConfig.create("int4"), "cpu", quant_activations=quant_activations)
+    assert torch.nn.functional.cosine_similarity(ours, int8_head, dim=-1).min() > 0.95  # random tiny weights
+    # The embedding dequantises exactly the rows it is asked for.
+    from frugal.quant.int4 import dequantize_int4
+
+    table = model.model.embed_tokens
+    ids = torch.tensor([3, 0, 3, 250])
+    expected = dequantize_int4(table.qweight, table.scales, None, 32, table.hidden_size)[ids]
+    torch.testing.assert_close(table(ids), expected)
+    # A quantized checkpoint carries it, and loads to the same logits.
+    out = quantize_checkpoint(tiny_llama, tmp_path / "q", quant, progress=False)
+    _, from_file = logits_of(out, None, "cpu", quant_activations=quant_activations)
+    assert torch.equal(from_file, ours)
+    with pytest.raises(ConfigError, match="tied"):
+        logits_of(tiny_tied, quant, "cpu")
+    with pytest.raises(ConfigError, match="bits=4"):
+        QuantConfig.create("int8", lm_head_bits=4)
