@@ -64,6 +64,12 @@ class QuantizedLinearMethod(LinearMethod):
         raise NotImplementedError
 
 
+def check_tied_head_bits(config: QuantConfig, tied: bool) -> None:
+    if tied and config.lm_head_bits == 4:
+        raise ConfigError("an INT4 LM head tied to the embedding is not supported (its lookups would read the "
+                          "kernel layout); use lm_head_bits 8 or 16")
+
+
 REPACK_ROWS_PER_CHUNK = 4096  # a multiple of every kernel layout's row tile (4, 16)
 
 
@@ -124,9 +130,7 @@ def build_quant_methods(config: QuantConfig | None, dtype: torch.dtype, device: 
         linear = Int4LinearMethod(config.group_size, config.scheme, backend, activations=quant_activations)
     else:
         linear = Int8LinearMethod(backend, activations=quant_activations)
-    if tied and config.lm_head_bits == 4:
-        raise ConfigError("an INT4 LM head tied to the embedding is not supported (its lookups would read the "
-                          "kernel layout); use lm_head_bits 8 or 16")
+    check_tied_head_bits(config, tied)
     if config.lm_head_bits == 4:
         lm_head = Int4LinearMethod(config.group_size, config.scheme, backend, activations=quant_activations)
     else:
@@ -213,5 +217,6 @@ def quantize_stream(weights: Iterable[tuple[str, torch.Tensor]], config: QuantCo
                     precomputed: dict[str, dict[str, torch.Tensor]] | None = None
                     ) -> Iterator[tuple[str, torch.Tensor]]:
     """Quantize a (name, 16-bit tensor) stream one tensor at a time."""
+    check_tied_head_bits(config, tied)  # before any tensor is written
     for name, tensor in weights:
         yield from quantize_tensor(name, tensor, config, tied, precomputed)

@@ -147,5 +147,7 @@ def test_int4_embedding_and_lm_head(cpu_ops, tiny_llama, tiny_tied, tmp_path, qu
     assert torch.equal(from_file, ours)
     with pytest.raises(ConfigError, match="tied"):
         logits_of(tiny_tied, quant, "cpu")
+    with pytest.raises(ConfigError, match="tied"):
+        quantize_checkpoint(tiny_tied, tmp_path / "tied", quant, progress=False)
     with pytest.raises(ConfigError, match="bits=4"):
         QuantConfig.create("int8", lm_head_bits=4)
