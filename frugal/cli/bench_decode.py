@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 
 from frugal.cli import invoked_command
-from frugal.cli.quantize import add_quant_options, quant_config_from_args
+from frugal.cli.quantize import add_quant_activations_option, add_quant_options, quant_config_from_args
 
 logger = logging.getLogger("frugal.cli")
 
@@ -36,9 +36,8 @@ def add_decode_bench_parsers(bench_sub) -> None:
                             help="instead: split a decode step's time into kernels / attention / other ops / rest")
         parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                             help="torch.compile the decode step (the warm-up run compiles it)")
-        parser.add_argument("--quant-activations", default="int8", choices=["int8", "exact"],
-                            help="INT4/INT8: INT8-rounded activations on the VNNI kernels (default) or exact ones")
         add_quant_options(parser, with_bits=False)
+        add_quant_activations_option(parser)
         parser.set_defaults(func=cmd_decode, bench_kind=kind)
 
     peers = bench_sub.add_parser("peers", help="frugal vs llama.cpp (llama-cpp-python) vs HF transformers")

@@ -6,7 +6,7 @@ import argparse
 import json
 import logging
 
-from frugal.cli.quantize import add_quant_options, quant_config_from_args
+from frugal.cli.quantize import add_quant_activations_option, add_quant_options, quant_config_from_args
 
 logger = logging.getLogger("frugal.cli")
 
@@ -24,9 +24,7 @@ def add_eval_parser(sub) -> None:
     ppl.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ppl.add_argument("--json", action="store_true", help="print the result as one JSON object")
     add_quant_options(ppl, with_bits=False)
-    ppl.add_argument("--quant-activations", default="int8", choices=["int8", "exact"],
-                     help="quantized weights on CPU: INT8-rounded activations on the VNNI kernels (default, as the "
-                          "engine) or exact ones")
+    add_quant_activations_option(ppl)
     ppl.set_defaults(func=cmd_perplexity)
 
 

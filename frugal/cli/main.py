@@ -44,9 +44,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                             "decode step compiles for about a minute, cached on disk afterwards)")
     group.add_argument("--quantization", default=None, choices=["none", "int4", "int8"],
                        help="weight-only quantization applied while loading (default: none, or the checkpoint's own)")
-    group.add_argument("--quant-activations", default="int8", choices=["int8", "exact"],
-                       help="INT4/INT8 weights on CPU: round activations to INT8 per 32-block for the VNNI kernels "
-                            "(default, as llama.cpp), or keep them in the model dtype (exact, slower)")
+    from frugal.cli.quantize import add_quant_activations_option
+
+    add_quant_activations_option(group)
     group.add_argument("--speculative", default=None, metavar="SPEC",
                        help="lossless speculative decoding: 'ngram:n=3,k=5' (prompt lookup) or 'draft:DIR,k=5' "
                             "(a draft model sharing the vocabulary); option adaptive=off keeps k fixed; 'medusa:DIR,nodes=12' "

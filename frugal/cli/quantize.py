@@ -31,6 +31,13 @@ def add_quant_options(parser: argparse.ArgumentParser, with_bits: bool) -> None:
                        help="default 8; 4 needs INT4 layers and an untied head")
 
 
+def add_quant_activations_option(parser) -> None:
+    """--quant-activations, shared by the engine commands, `eval perplexity` and `bench decode|prefill`."""
+    parser.add_argument("--quant-activations", default="int8", choices=["int8", "exact"],
+                        help="INT4/INT8 weights on CPU: round activations to INT8 per 32-block for the VNNI "
+                             "kernels (default, as llama.cpp), or keep them in the model dtype (exact, slower)")
+
+
 def quant_config_from_args(args: argparse.Namespace, method: str = "rtn"):
     """QuantConfig (or None) from add_quant_options' arguments; validated by QuantConfig itself."""
     from frugal.quant.config import QuantConfig
