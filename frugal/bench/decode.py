@@ -10,7 +10,6 @@ memory (the peers benchmark does).
 
 from __future__ import annotations
 
-import json
 import logging
 import platform
 import random
@@ -140,8 +139,6 @@ def plot_rows(results: dict, png_path: Path, title: str) -> None:
 
 
 def write_results(results: dict, out_dir: Path, name: str, title: str) -> tuple[Path, Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    json_path, png_path = out_dir / f"{name}.json", out_dir / f"{name}.png"
-    json_path.write_text(json.dumps(results, indent=2))
-    plot_rows(results, png_path, title)
-    return json_path, png_path
+    from frugal.bench.output import write_json_and_png
+
+    return write_json_and_png(results, out_dir, name, lambda png: plot_rows(results, png, title))

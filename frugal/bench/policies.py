@@ -11,7 +11,6 @@ Results are JSON + PNG under benchmarks/ with the command that made them.
 
 from __future__ import annotations
 
-import json
 import logging
 import platform
 import random
@@ -199,12 +198,9 @@ def plot(result: dict, path: Path, sources: tuple[str, ...]) -> None:
 
 
 def write(result: dict, out_dir: Path, name: str, sources: tuple[str, ...]) -> tuple[Path, Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    json_path = out_dir / f"{name}.json"
-    json_path.write_text(json.dumps(result, indent=2) + "\n")
-    png_path = out_dir / f"{name}.png"
-    plot(result, png_path, sources)
-    return json_path, png_path
+    from frugal.bench.output import write_json_and_png
+
+    return write_json_and_png(result, out_dir, name, lambda png: plot(result, png, sources))
 
 
 def timestamp() -> str:

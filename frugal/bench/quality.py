@@ -10,7 +10,6 @@ equivalent CLI commands; the PNG is a bar chart of the change in perplexity with
 
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
 from dataclasses import dataclass
@@ -137,8 +136,6 @@ def plot_quality(results: dict, png_path: Path, title: str) -> None:
 
 def write(results: dict, out_dir: Path, name: str, title: str) -> tuple[Path, Path]:
     """results -> out_dir/name.json and out_dir/name.png (the bar chart)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    json_path, png_path = out_dir / f"{name}.json", out_dir / f"{name}.png"
-    json_path.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    plot_quality(results, png_path, title)
-    return json_path, png_path
+    from frugal.bench.output import write_json_and_png
+
+    return write_json_and_png(results, out_dir, name, lambda png: plot_quality(results, png, title))

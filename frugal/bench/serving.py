@@ -314,9 +314,6 @@ def plot(result: dict, path: Path) -> None:
 
 
 def write(result: dict, out_dir: Path, name: str) -> tuple[Path, Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    json_path = out_dir / f"{name}.json"
-    json_path.write_text(json.dumps(result, indent=1))
-    png_path = out_dir / f"{name}.png"
-    plot(result, png_path)
-    return json_path, png_path
+    from frugal.bench.output import write_json_and_png
+
+    return write_json_and_png(result, out_dir, name, lambda png: plot(result, png))

@@ -139,9 +139,6 @@ def plot(results: dict, png_path: Path) -> None:
 
 
 def write(results: dict, out_dir: Path, name: str) -> tuple[Path, Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    json_path = out_dir / f"{name}.json"
-    json_path.write_text(json.dumps(results, indent=2))
-    png_path = out_dir / f"{name}.png"
-    plot(results, png_path)
-    return json_path, png_path
+    from frugal.bench.output import write_json_and_png
+
+    return write_json_and_png(results, out_dir, name, lambda png: plot(results, png))

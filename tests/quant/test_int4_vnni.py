@@ -167,3 +167,10 @@ def test_chunked_repack_equals_whole_tensor_repack():
     chunked = table.clone()
     repack_in_row_chunks([chunked], lambda chunk: [int8_to_x16(chunk)], rows_per_chunk=16)
     assert torch.equal(chunked, int8_to_x16(table))
+
+
+def test_vnni_kernels_reject_activations_wider_than_the_weight(vnni_ops):
+    packed = quantize_int4(torch.randn(16, 64), 32, "sym")
+    qweight, scales, _ = to_x16_layout(packed.qweight, packed.scales, None)
+    with pytest.raises(RuntimeError, match="at most 64"):
+        vnni_ops.int4_x16_linear(torch.randn(1, 65), qweight, scales, None, 32, None, 16)

@@ -108,6 +108,36 @@ inline Out make_out(at::Tensor& out, at::Tensor& bias_f32, const c10::optional<a
   return o;
 }
 
+// x [M, K] zero-padded to [M, Kp] features (the packed INT4 width), contiguous.
+inline at::Tensor pad_k(const at::Tensor& x, int64_t Kp) {
+  const int64_t K = x.size(1);
+  TORCH_CHECK(K <= Kp, "activation has ", K, " features, weight expects at most ", Kp);
+  return K == Kp ? x.contiguous() : at::constant_pad_nd(x, {0, Kp - K}).contiguous();
+}
+
+// The large-batch path of every kernel: y = x @ w^T (+ bias) through the BLAS.
+inline at::Tensor blas_linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
+  at::Tensor y = at::mm(x.contiguous(), w.t());
+  if (bias.has_value() && bias->defined()) y.add_(bias->to(y.scalar_type()));
+  return y;
+}
+
+// INT4 group parameters: scales float16 [N, ceil(Kp / G)], optional zeros uint8 of the same shape.
+// Returns whether zeros are present.
+inline bool check_int4_params(const at::Tensor& scales, const c10::optional<at::Tensor>& zeros, int64_t N, int64_t Kp,
+                              int64_t group_size) {
+  TORCH_CHECK(group_size == 32 || group_size == 64 || group_size == 128, "group_size must be 32, 64 or 128");
+  TORCH_CHECK(Kp % 64 == 0, "packed K must be a multiple of 64, got ", Kp);
+  TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.size(0) == N &&
+                  scales.size(1) == (Kp + group_size - 1) / group_size && scales.is_contiguous(),
+              "scales must be contiguous float16 [N, ceil(Kp / group_size)]");
+  const bool has_zeros = zeros.has_value() && zeros->defined();
+  if (has_zeros)
+    TORCH_CHECK(zeros->scalar_type() == at::kByte && zeros->sizes() == scales.sizes() && zeros->is_contiguous(),
+                "zeros must be contiguous uint8 shaped like scales");
+  return has_zeros;
+}
+
 inline void check_common(const at::Tensor& x, at::ScalarType wdtype, const at::Tensor& w) {
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "frugal CPU kernels need CPU tensors");
   TORCH_CHECK(x.dim() == 2, "activation must be 2-D [M, K], got ", x.dim(), "-D");

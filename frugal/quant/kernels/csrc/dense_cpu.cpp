@@ -79,12 +79,8 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qweight, const at:
   const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0);
   TORCH_CHECK(qweight.size(1) == K, "activation has ", K, " features, weight has ", qweight.size(1));
   TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.numel() == N, "scales must be float32 [N]");
-  if (M > max_gemv_rows || K % 16 != 0 || !cpu_has_avx512_bf16()) {
-    at::Tensor w = qweight.to(at::kFloat).mul_(scales.unsqueeze(1)).to(x.scalar_type());  // s * q exact in fp32
-    at::Tensor out = at::mm(x.contiguous(), w.t());
-    if (bias.has_value() && bias->defined()) out.add_(bias->to(out.scalar_type()));
-    return out;
-  }
+  if (M > max_gemv_rows || K % 16 != 0 || !cpu_has_avx512_bf16())  // s * q exact in fp32
+    return blas_linear(x, qweight.to(at::kFloat).mul_(scales.unsqueeze(1)).to(x.scalar_type()), bias);
   const at::Tensor xf = x.to(at::kFloat).contiguous();
   at::Tensor out = at::empty({M, N}, x.options()), bias_f32;
   const Out o = make_out(out, bias_f32, bias, scales.data_ptr<float>());
@@ -104,11 +100,8 @@ at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& weight, const c10:
   check_common(x, at::kBFloat16, weight);
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
   TORCH_CHECK(weight.size(1) == K, "activation has ", K, " features, weight has ", weight.size(1));
-  if (M > max_gemv_rows || K % 32 != 0 || x.scalar_type() != at::kBFloat16 || !cpu_has_avx512_bf16()) {
-    at::Tensor out = at::mm(x.contiguous(), weight.t());
-    if (bias.has_value() && bias->defined()) out.add_(bias->to(out.scalar_type()));
-    return out;
-  }
+  if (M > max_gemv_rows || K % 32 != 0 || x.scalar_type() != at::kBFloat16 || !cpu_has_avx512_bf16())
+    return blas_linear(x, weight, bias);
   const at::Tensor xc = x.contiguous();
   at::Tensor out = at::empty({M, N}, x.options()), bias_f32;
   const Out o = make_out(out, bias_f32, bias, nullptr);

@@ -229,12 +229,6 @@ FRUGAL_AVX512 void int4_tile_f32(const Int4View& v, const float* x, int64_t ldx,
     for (int n = 0; n < NT; ++n) out.store(m0 + m, n0 + n, _mm512_reduce_add_ps(acc[m][n]));
 }
 
-at::Tensor pad_k(const at::Tensor& x, int64_t Kp) {
-  const int64_t K = x.size(1);
-  TORCH_CHECK(K <= Kp, "activation has ", K, " features, weight expects at most ", Kp);
-  return K == Kp ? x.contiguous() : at::constant_pad_nd(x, {0, Kp - K}).contiguous();
-}
-
 template <int G>
 void int4_gemv(const at::Tensor& x, const Int4View& v, const Out& o) {
   const int64_t M = x.size(0), Kp = x.size(1), N = v.N;
@@ -284,23 +278,11 @@ at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& qweight, const 
                        const c10::optional<at::Tensor>& zeros, int64_t group_size,
                        const c10::optional<at::Tensor>& bias, int64_t max_gemv_rows) {
   check_common(x_in, at::kByte, qweight);
-  TORCH_CHECK(group_size == 32 || group_size == 64 || group_size == 128, "group_size must be 32, 64 or 128");
   const int64_t Kp = qweight.size(1) * 2, N = qweight.size(0), M = x_in.size(0);
-  TORCH_CHECK(Kp % 64 == 0, "packed K must be a multiple of 64, got ", Kp);
-  TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.size(0) == N &&
-                  scales.size(1) == (Kp + group_size - 1) / group_size && scales.is_contiguous(),
-              "scales must be contiguous float16 [N, ceil(Kp / group_size)]");
-  const bool has_zeros = zeros.has_value() && zeros->defined();
-  if (has_zeros)
-    TORCH_CHECK(zeros->scalar_type() == at::kByte && zeros->sizes() == scales.sizes() && zeros->is_contiguous(),
-                "zeros must be contiguous uint8 shaped like scales");
+  const bool has_zeros = check_int4_params(scales, zeros, N, Kp, group_size);
   const at::Tensor x = pad_k(x_in, Kp);
-  if (M > max_gemv_rows || !cpu_has_avx512_bf16()) {
-    at::Tensor w = int4_dequantize(qweight, scales, zeros, group_size, x.scalar_type());
-    at::Tensor out = at::mm(x, w.t());
-    if (bias.has_value() && bias->defined()) out.add_(bias->to(out.scalar_type()));
-    return out;
-  }
+  if (M > max_gemv_rows || !cpu_has_avx512_bf16())
+    return blas_linear(x, int4_dequantize(qweight, scales, zeros, group_size, x.scalar_type()), bias);
   at::Tensor out = at::empty({M, N}, x.options()), bias_f32;
   const Out o = make_out(out, bias_f32, bias, nullptr);
   const Int4View v(qweight.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>()),

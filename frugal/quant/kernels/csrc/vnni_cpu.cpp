@@ -187,22 +187,12 @@ at::Tensor int4_x16_linear(const at::Tensor& x_in, const at::Tensor& qweight, co
                            const c10::optional<at::Tensor>& zeros, int64_t group_size,
                            const c10::optional<at::Tensor>& bias, int64_t max_gemv_rows) {
   check_common(x_in, at::kByte, qweight);
-  TORCH_CHECK(group_size == 32 || group_size == 64 || group_size == 128, "group_size must be 32, 64 or 128");
   const int64_t Kp = qweight.size(1) * 2, N = qweight.size(0), M = x_in.size(0), lds = (Kp + group_size - 1) / group_size;
-  TORCH_CHECK(N % kRowsPerTile == 0 && Kp % 64 == 0, "x16 layout needs N % 16 == 0 and Kp % 64 == 0");
-  TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.size(0) == N && scales.size(1) == lds && scales.is_contiguous(),
-              "scales must be contiguous float16 [N, ceil(Kp / group_size)]");
-  const bool has_zeros = zeros.has_value() && zeros->defined();
-  if (has_zeros)
-    TORCH_CHECK(zeros->scalar_type() == at::kByte && zeros->sizes() == scales.sizes() && zeros->is_contiguous(),
-                "zeros must be contiguous uint8 shaped like scales");
-  at::Tensor x = x_in.size(1) == Kp ? x_in.contiguous() : at::constant_pad_nd(x_in, {0, Kp - x_in.size(1)}).contiguous();
-  if (M > max_gemv_rows || !cpu_has_avx512_vnni()) {
-    at::Tensor w = int4_x16_dequantize(qweight, scales, zeros, group_size, x.scalar_type());
-    at::Tensor y = at::mm(x, w.t());
-    if (bias.has_value() && bias->defined()) y.add_(bias->to(y.scalar_type()));
-    return y;
-  }
+  TORCH_CHECK(N % kRowsPerTile == 0, "x16 layout needs N % 16 == 0");
+  const bool has_zeros = check_int4_params(scales, zeros, N, Kp, group_size);
+  const at::Tensor x = pad_k(x_in, Kp);
+  if (M > max_gemv_rows || !cpu_has_avx512_vnni())
+    return blas_linear(x, int4_x16_dequantize(qweight, scales, zeros, group_size, x.scalar_type()), bias);
   const Q8Rows a = quantize_activations(x);
   at::Tensor y = at::empty({M, N}, x.options()), bias_f32;
   const Out o = make_out(y, bias_f32, bias, nullptr);
@@ -283,10 +273,7 @@ at::Tensor int8_x16_linear(const at::Tensor& x_in, const at::Tensor& qweight, co
   if (M > max_gemv_rows || !cpu_has_avx512_vnni()) {
     // Undo the tiling: [tile, step, row, 4] -> [tile, row, step, 4].
     at::Tensor w = qweight.view({N / kRowsPerTile, K / 4, kRowsPerTile, 4}).transpose(1, 2).reshape({N, K});
-    w = w.to(at::kFloat).mul_(scales.unsqueeze(1)).to(x.scalar_type());  // s * q exact in fp32
-    at::Tensor y = at::mm(x, w.t());
-    if (bias.has_value() && bias->defined()) y.add_(bias->to(y.scalar_type()));
-    return y;
+    return blas_linear(x, w.to(at::kFloat).mul_(scales.unsqueeze(1)).to(x.scalar_type()), bias);  // s * q exact in fp32
   }
   const Q8Rows a = quantize_activations(x);
   at::Tensor y = at::empty({M, N}, x.options()), bias_f32;
