@@ -105,6 +105,9 @@ class ModelConfig:
     # torch.compile the CPU decode step (frugal.runner.compiled_decode); off by default: the first
     # decode step then compiles for about a minute (cached on disk afterwards).
     compile: bool = False
+    # Run CPU decode-only steps as one C++ call (frugal.runner.native_decode) when the model qualifies; same
+    # output as eager, much less Python per token. `compile=True` takes precedence.
+    native_decode: bool = True
     # How INT4/INT8 weights meet activations on CPU: 'int8' rounds activations to INT8 per block of 32 and
     # multiplies with AVX512-VNNI (llama.cpp's Q4_0/Q8_0 x Q8_0 scheme; the fast path), 'exact' keeps them
     # in the model dtype (the dequantize-then-matmul oracle's numerics). CPUs without VNNI run 'exact'.
@@ -115,6 +118,8 @@ class ModelConfig:
             raise ConfigError(f"quant_activations must be 'int8' or 'exact', got {self.quant_activations!r}")
         if not isinstance(self.compile, bool):
             raise ConfigError(f"compile must be True or False, got {self.compile!r}")
+        if not isinstance(self.native_decode, bool):
+            raise ConfigError(f"native_decode must be True or False, got {self.native_decode!r}")
         if self.compile and self.device != "cpu":
             raise ConfigError(f"compile applies to the CPU decode path; device is {self.device!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):

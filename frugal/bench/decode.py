@@ -46,11 +46,19 @@ def current_rss_bytes() -> int:
         return 0
 
 
+def decode_path(model_forward, model) -> str:
+    """'native', 'compiled' or 'eager': what ran the engine's decode steps."""
+    if model_forward is model:
+        return "eager"
+    return "native" if type(model_forward).__name__ == "NativeDecode" else "compiled"
+
+
 def measure_frugal(model_dir: Path | str, quantization=None, dtype: str = "bfloat16", prompt_len: int = 512,
                    gen_len: int = 128, repeats: int = 2, threads: int = 2, prompt: list[int] | None = None,
-                   compile: bool = False, quant_activations: str = "int8") -> dict:
+                   compile: bool = False, quant_activations: str = "int8", native_decode: bool = True) -> dict:
     """Our engine, in this process. Returns tokens/s, memory and bytes read per decoded token.
     `compile`: torch.compile'd decode steps (compiled during the warm-up, so not timed).
+    `native_decode`: decode steps as one C++ call (frugal.runner.native_decode) where the model qualifies.
     `quant_activations`: 'int8' (the VNNI kernel, default) or 'exact' (see frugal.config.ModelConfig)."""
     import torch
 
@@ -62,7 +70,7 @@ def measure_frugal(model_dir: Path | str, quantization=None, dtype: str = "bfloa
     rss_before = current_rss_bytes()
     llm = LLM(str(model_dir), dtype=dtype, quantization=quantization, kv_cache_memory="1GiB",
               max_model_len=prompt_len + gen_len + 16, max_num_batched_tokens=max(2048, prompt_len), compile=compile,
-              quant_activations=quant_activations)
+              quant_activations=quant_activations, native_decode=native_decode)
     engine = llm.engine
     rss_loaded = current_rss_bytes()
     prompt = prompt or random_prompt(prompt_len, engine.arch.vocab_size)
@@ -84,21 +92,22 @@ def measure_frugal(model_dir: Path | str, quantization=None, dtype: str = "bfloa
         "peak_rss_bytes": peak_rss_bytes(), "rss_model_loaded_bytes": rss_loaded - rss_before,
         "decode_bytes_per_token": traffic["total_bytes"], "traffic": traffic, "output_token_ids": output,
         "attention_backend": type(engine.model.model.layers[0].self_attn.attn.backend).__name__,
-        "compiled": engine.runner.model_forward is not engine.model,
+        "decode_path": decode_path(engine.runner.model_forward, engine.model),
         "quant_activations": ("int8" if any(getattr(m, "int4_x16", False) or getattr(m, "int8_x16", False)
                                             for m in engine.model.modules()) else "exact") if quant else None,
     }
 
 
 def run_bench(model_dir: Path, quantization, dtype: str, prompt_len: int, gen_len: int, repeats: int, threads: int,
-              command: str, compile: bool = False, quant_activations: str = "int8") -> dict:
+              command: str, compile: bool = False, quant_activations: str = "int8",
+              native_decode: bool = True) -> dict:
     from frugal.bench.roofline import roofline_fraction
     from frugal.bench.worker import run_in_subprocess
 
     # In its own process: the probe's buffers must not count in this process's peak RSS.
     bandwidth = run_in_subprocess({"engine": "bandwidth", "threads": threads})
     row = measure_frugal(model_dir, quantization, dtype, prompt_len, gen_len, repeats, threads, compile=compile,
-                         quant_activations=quant_activations)
+                         quant_activations=quant_activations, native_decode=native_decode)
     row["roofline_fraction"] = roofline_fraction(row["decode_tokens_per_s"], row["decode_bytes_per_token"],
                                                  bandwidth["bandwidth_gb_s"])
     row.pop("output_token_ids")

@@ -36,6 +36,7 @@ COMPARISONS = (("frugal int4-g32-sym", "llama.cpp Q4_0"), ("frugal int4-g32-sym"
                ("frugal int4-g32-sym exact-act", "llama.cpp Q4_0"),
                ("frugal int4-g32-sym exact-act", "llama.cpp Q4_0+repack"),
                ("frugal int4-g32-sym compiled", "llama.cpp Q4_0"), ("frugal int4-g32-sym compiled", "llama.cpp Q4_0+repack"),
+               ("frugal int4-g32-sym eager", "llama.cpp Q4_0"), ("frugal int4-g32-sym eager", "llama.cpp Q4_0+repack"),
                ("frugal int8", "llama.cpp Q8_0"), ("frugal int8", "llama.cpp Q8_0+repack"),
                ("frugal bf16", "llama.cpp BF16"), ("frugal bf16", "llama.cpp BF16+repack"),
                ("frugal bf16", "llama.cpp F16"), ("frugal bf16", "hf bf16"))
@@ -118,13 +119,15 @@ def run_peers(model_dir: Path, work_dir: Path, prompt_len: int, gen_len: int, re
     for config in frugal_quants:
         # 'int4', 'int4-exact' (exact activations), 'bf16-compile' (torch.compile'd decode), ...
         quant, *options = config.split("-")
-        exact, compiled = "exact" in options, "compile" in options
+        exact, compiled, eager = "exact" in options, "compile" in options, "eager" in options
         logger.info("running frugal %s", config)
         checkpoint = prepare_frugal(model_dir, work_dir, quant)
         row = run_in_subprocess({**base, "model": str(checkpoint), "engine": "frugal", "dtype": "bfloat16",
-                                 "quant_activations": "exact" if exact else "int8", "compile": compiled})
+                                 "quant_activations": "exact" if exact else "int8", "compile": compiled,
+                                 "native_decode": not eager})
         row["label"] = (("frugal bf16" if quant in ("none", "bf16") else f"frugal {row['quantization']}")
-                        + (" exact-act" if exact else "") + (" compiled" if compiled else ""))
+                        + (" exact-act" if exact else "") + (" compiled" if compiled else "")
+                        + (" eager" if eager else ""))
         rows.append(row)
     failures = []
     for kind, path in ggufs.items():

@@ -4,7 +4,8 @@ Runs batch-1 greedy decoding on the engine and splits the wall time of each step
 kernels (projections + LM head: the weight stream the roofline is about), the attention kernel, the
 other fused ops (norms, rotary, SiLU), and the rest (PyTorch glue ops, Python, scheduler, sampler,
 detokeniser), by timing every call of those kernels. Timing adds a few microseconds per call, so the
-step total here is slightly above the benchmark's.
+step total here is slightly above the benchmark's. It profiles the eager (Python) step: the native
+step (frugal.runner.native_decode) runs the same kernels without the Python around them.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ def profile_decode(model_dir: str, quantization=None, dtype: str = "bfloat16", p
 
     torch.set_num_threads(threads)
     llm = LLM(str(model_dir), dtype=dtype, quantization=quantization, kv_cache_memory="1GiB",
-              max_model_len=prompt_len + steps + 32, max_num_batched_tokens=max(2048, prompt_len))
+              max_model_len=prompt_len + steps + 32, max_num_batched_tokens=max(2048, prompt_len),
+              native_decode=False)  # the Python step, whose modules can be timed one by one
     engine = llm.engine
     timer = _Timed()
     model = engine.model

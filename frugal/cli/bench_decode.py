@@ -9,7 +9,7 @@ import logging
 import tempfile
 from pathlib import Path
 
-from frugal.cli import invoked_command
+from frugal.cli import add_native_decode_option, invoked_command
 from frugal.cli.quantize import add_quant_activations_option, add_quant_options, quant_config_from_args
 
 logger = logging.getLogger("frugal.cli")
@@ -36,15 +36,17 @@ def add_decode_bench_parsers(bench_sub) -> None:
                             help="instead: split a decode step's time into kernels / attention / other ops / rest")
         parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                             help="torch.compile the decode step (the warm-up run compiles it)")
+        add_native_decode_option(parser)
         add_quant_options(parser, with_bits=False)
         add_quant_activations_option(parser)
         parser.set_defaults(func=cmd_decode, bench_kind=kind)
 
     peers = bench_sub.add_parser("peers", help="frugal vs llama.cpp (llama-cpp-python) vs HF transformers")
     _common(peers)
-    peers.add_argument("--frugal", nargs="+", default=["bf16", "int8", "int4", "int4-exact", "int4-compile"],
-                       help="frugal configurations: bf16, int8, int4 (INT8-rounded activations, VNNI); suffix -exact "
-                            "keeps activations in bf16, -compile torch.compiles the decode step (e.g. int4-exact)")
+    peers.add_argument("--frugal", nargs="+", default=["bf16", "int8", "int4", "int4-exact", "int4-eager"],
+                       help="frugal configurations: bf16, int8, int4 (INT8-rounded activations, VNNI; decode steps "
+                            "native, one C++ call); suffix -exact keeps activations in bf16, -eager runs decode steps "
+                            "in Python (no native step), -compile torch.compiles them (e.g. int4-exact)")
     peers.add_argument("--llama-cpp", nargs="*", default=["BF16", "Q8_0", "Q4_0"],
                        help="llama.cpp GGUF types (F16, BF16, F32 converted by frugal; Q8_0, Q4_0 by llama.cpp)")
     peers.add_argument("--no-hf", action="store_true", help="skip HF transformers")
@@ -90,7 +92,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
         return 0
     results = run_bench(Path(args.model), quant, args.dtype, args.prompt_len, args.gen_len, args.repeats,
                         args.threads, invoked_command(), compile=args.compile,
-                        quant_activations=args.quant_activations)
+                        quant_activations=args.quant_activations, native_decode=args.native_decode)
     row = results["runs"][0]
     name = args.name or f"{args.bench_kind}_{Path(args.model).name}_{row['quantization'] or row['dtype']}"
     json_path, png_path = write_results(results, Path(args.out), name, Path(args.model).name)

@@ -42,6 +42,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                        help="torch.compile the CPU decode step (less Python per token, same output; the first "
                             "decode step compiles for about a minute, cached on disk afterwards)")
+    from frugal.cli import add_native_decode_option
+
+    add_native_decode_option(group)
     group.add_argument("--quantization", default=None, choices=["none", "int4", "int8"],
                        help="weight-only quantization applied while loading (default: none, or the checkpoint's own)")
     from frugal.cli.quantize import add_quant_activations_option
@@ -76,6 +79,7 @@ def build_llm(args: argparse.Namespace):
         quantization=getattr(args, "quantization", None),
         speculative=getattr(args, "speculative", None),
         compile=getattr(args, "compile", False),
+        native_decode=getattr(args, "native_decode", True),
         quant_activations=getattr(args, "quant_activations", "int8"),
         **scheduling_kwargs(args),
     )

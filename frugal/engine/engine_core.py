@@ -123,7 +123,7 @@ class EngineCore:
                                        attention_backend=model_config.attention_backend, target_model=self.model)
         self.runner = ModelRunner(self.model, self.kv_caches, block_size, self.device, self.swapper,
                                   verifier=self.spec.verify, hidden_state_observer=self.spec.hidden_state_observer,
-                                  model_forward=self._compiled_forward(model_config.compile))
+                                  model_forward=self._decode_forward(model_config))
         self.scheduler = build_scheduler(scheduler_config, config.cache, num_blocks, self.runner, self.swapper,
                                          self.arch.vocab_size, self.max_model_len, clock=clock,
                                          metadata={"model": str(self.model_dir), "device": str(self.device),
@@ -134,11 +134,21 @@ class EngineCore:
         logger.info("engine ready: %s, %s on %s, %d KV blocks of %d tokens, max_model_len %d",
                     self.arch.architecture, self.dtype, self.device, num_blocks, block_size, self.max_model_len)
 
-    def _compiled_forward(self, enabled: bool):
-        """The runner's forward: None (the eager model), or the torch.compile'd decode step when
-        `compile` is on and this model and backend support it (else a warning, and eager)."""
-        if not enabled:
-            return None
+    def _decode_forward(self, model_config):
+        """The runner's forward: the torch.compile'd decode step when `compile` is on (and supported,
+        else a warning), else the native C++ decode step when `native_decode` is on and the model
+        qualifies, else None (the eager model)."""
+        if not model_config.compile:
+            if not model_config.native_decode or self.device.type != "cpu":
+                return None
+            from frugal.runner.native_decode import NativeDecode, native_decode_unsupported
+
+            reason = native_decode_unsupported(self.model)
+            if reason is not None:
+                logger.info("decode steps run eagerly: %s", reason)
+                return None
+            logger.info("decode steps run natively (one C++ call per step)")
+            return NativeDecode(self.model)
         from frugal.runner.compiled_decode import CompiledDecode, compile_supported
 
         reason = compile_supported(self.model)

@@ -52,6 +52,7 @@ class LLM:
         speculative: str | SpecConfig | None = None,
         compile: bool = False,
         quant_activations: str = "int8",
+        native_decode: bool = True,
     ):
         """`quantization`: None, 'int4' (group 32, symmetric, INT8 embedding and LM head), 'int8' or a
         `QuantConfig` — a 16-bit checkpoint is quantized while it loads; a `frugal quantize` checkpoint
@@ -61,6 +62,8 @@ class LLM:
         `RequestOutput.metrics.spec`.
         `compile`: run CPU decode steps through torch.compile (Inductor, C++ wrapper): less Python per
         token, same output; the first decode step compiles (about a minute; cached on disk).
+        `native_decode`: run CPU decode steps of Llama-family models as one C++ call (the same kernels on
+        the same values as eager, so the same output; on by default, `compile` takes precedence).
         `quant_activations`: 'int8' (default) rounds activations to INT8 per 32-block for the INT4/INT8
         VNNI kernels, as llama.cpp's Q4_0/Q8_0 do; 'exact' keeps them in the model dtype (slower)."""
         config = EngineConfig(
@@ -68,7 +71,8 @@ class LLM:
             speculative=SpecConfig.parse(speculative),
             model=ModelConfig(model=str(model), dtype=dtype, device=device, revision=revision,
                               max_model_len=max_model_len, seed=seed, attention_backend=attention_backend,
-                              compile=compile, quant_activations=quant_activations),
+                              compile=compile, quant_activations=quant_activations,
+                              native_decode=native_decode),
             cache=CacheConfig(block_size=block_size, kv_cache_memory_bytes=parse_memory(kv_cache_memory),
                               enable_prefix_caching=enable_prefix_caching,
                               swap_space_bytes=parse_memory(swap_space) if swap_space else 0, swap_path=swap_path),

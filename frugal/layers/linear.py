@@ -19,12 +19,27 @@ check shapes and raise ModelLoadError naming the parameter and both shapes.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from frugal.errors import ModelLoadError
+
+
+@dataclass(frozen=True)
+class NativeLinearSpec:
+    """How the C++ decode step (frugal.runner.native_decode) calls a layer's kernel: `kind` names the
+    kernel (int4_x16, int4, int8_x16, int8, bf16: frugal's CPU kernels; dense: F.linear) and the rest
+    are the arguments `apply` passes it, so both paths compute the same thing."""
+
+    kind: str
+    weight: torch.Tensor
+    scales: torch.Tensor | None = None
+    zeros: torch.Tensor | None = None
+    group_size: int = 0
+    max_rows: int = 0
 
 
 class LinearMethod(ABC):
@@ -44,6 +59,10 @@ class LinearMethod(ABC):
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         """Hook called once after all weights are loaded (repacking, transposing, ...)."""
 
+    def native_spec(self, layer: nn.Module) -> NativeLinearSpec | None:
+        """The kernel call `apply` makes, for the C++ decode step; None: only `apply` can run it."""
+        return None
+
 
 class UnquantizedLinearMethod(LinearMethod):
     def create_weights(
@@ -56,6 +75,9 @@ class UnquantizedLinearMethod(LinearMethod):
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return F.linear(x, layer.weight, bias)
+
+    def native_spec(self, layer: nn.Module) -> NativeLinearSpec | None:
+        return NativeLinearSpec("dense", layer.weight)
 
 
 def copy_checked(param: torch.Tensor, loaded: torch.Tensor, what: str) -> None:

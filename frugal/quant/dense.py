@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from frugal.layers.linear import UnquantizedLinearMethod
+from frugal.layers.linear import NativeLinearSpec, UnquantizedLinearMethod
 
 
 class CpuDenseLinearMethod(UnquantizedLinearMethod):
@@ -26,3 +26,6 @@ class CpuDenseLinearMethod(UnquantizedLinearMethod):
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         ops = torch.ops.frugal if torch.compiler.is_compiling() else self.ops  # dispatcher op: traceable
         return ops.bf16_linear(x, layer.weight, bias, self.max_gemv_rows)
+
+    def native_spec(self, layer: nn.Module) -> NativeLinearSpec | None:
+        return NativeLinearSpec("bf16", layer.weight, max_rows=self.max_gemv_rows)

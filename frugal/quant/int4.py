@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from frugal.layers.embedding import EmbeddingMethod
+from frugal.layers.linear import NativeLinearSpec
 from frugal.quant.base import QuantizedLinearMethod, TensorSpec, repack_in_row_chunks
 
 logger = logging.getLogger(__name__)
@@ -288,6 +289,14 @@ class Int4LinearMethod(QuantizedLinearMethod):
         if getattr(layer, "int4_x16", False):  # what the VNNI kernel computes, in float32
             return F.linear(round_activations_int8(x), weight, None if bias is None else bias.float()).to(x.dtype)
         return F.linear(x, weight.to(x.dtype), bias)
+
+    def native_spec(self, layer: nn.Module) -> NativeLinearSpec | None:
+        if self.backend != "cpu":
+            return None
+        x16 = getattr(layer, "int4_x16", False)
+        return NativeLinearSpec("int4_x16" if x16 else "int4", layer.qweight, layer.scales,
+                                getattr(layer, "qzeros", None), self.group_size,
+                                X16_ALL_ROWS if x16 else self.max_gemv_rows)
 
     def canonical(self, layer: nn.Module) -> dict[str, torch.Tensor]:
         qweight, scales, qzeros = layer.qweight, layer.scales, getattr(layer, "qzeros", None)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from frugal.layers.embedding import EmbeddingMethod
+from frugal.layers.linear import NativeLinearSpec
 from frugal.quant.base import QuantizedLinearMethod, TensorSpec, repack_in_row_chunks
 
 
@@ -110,6 +111,13 @@ class Int8LinearMethod(QuantizedLinearMethod):
 
             return F.linear(round_activations_int8(x), weight, None if bias is None else bias.float()).to(x.dtype)
         return F.linear(x, weight.to(x.dtype), bias)
+
+    def native_spec(self, layer: nn.Module) -> NativeLinearSpec | None:
+        if self.backend != "cpu":
+            return None
+        x16 = getattr(layer, "int8_x16", False)
+        return NativeLinearSpec("int8_x16" if x16 else "int8", layer.qweight, layer.scales,
+                                max_rows=X16_ALL_ROWS if x16 else self.max_gemv_rows)
 
     def canonical(self, layer: nn.Module) -> dict[str, torch.Tensor]:
         qweight = layer.qweight

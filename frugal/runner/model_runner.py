@@ -39,6 +39,8 @@ class ModelRunner:
         # What runs the forward pass: the model, or a wrapper with the model's call signature
         # (runner/compiled_decode.CompiledDecode: torch.compile'd decode-only steps).
         self.model_forward = model_forward if model_forward is not None else model
+        # ... and computes logits (runner/native_decode.NativeDecode has its own, else the model's).
+        self.compute_logits = getattr(self.model_forward, "compute_logits", model.compute_logits)
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.device = device
@@ -75,7 +77,7 @@ class ModelRunner:
         if not model_input.sample_groups:
             return None, None
         hidden_rows = hidden_states[model_input.logits_indices]  # [rows, hidden]
-        return hidden_rows, self.model.compute_logits(hidden_rows)  # [rows, vocab]
+        return hidden_rows, self.compute_logits(hidden_rows)  # [rows, vocab]
 
     def _compact_tree_kv(self, moves: list[tuple[int, int]]) -> None:
         """Copy every layer's K/V from slot src to slot dst for each (src, dst) (one gather and one

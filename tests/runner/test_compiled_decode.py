@@ -66,7 +66,7 @@ def test_decode_tensors_path_matches_backend(checkpoint):
 def test_compiled_greedy_equals_eager(checkpoint, quantization):
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
     kwargs = dict(dtype="bfloat16", quantization=quantization, kv_cache_memory="16MiB")
-    eager = LLM(str(checkpoint), **kwargs)
+    eager = LLM(str(checkpoint), native_decode=False, **kwargs)
     compiled = LLM(str(checkpoint), compile=True, **kwargs)
     forward = compiled.engine.runner.model_forward
     assert forward is not compiled.engine.model, "compile=True fell back to eager"

@@ -4,20 +4,9 @@
 #include <torch/library.h>
 #include <ATen/ATen.h>
 
-namespace frugal {
-at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& qweight, const at::Tensor& scales,
-                       const c10::optional<at::Tensor>& zeros, int64_t group_size,
-                       const c10::optional<at::Tensor>& bias, int64_t max_gemv_rows);
-at::Tensor int4_x16_linear(const at::Tensor& x_in, const at::Tensor& qweight, const at::Tensor& scales,
-                           const c10::optional<at::Tensor>& zeros, int64_t group_size,
-                           const c10::optional<at::Tensor>& bias, int64_t max_gemv_rows);
-at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                       const c10::optional<at::Tensor>& bias, int64_t max_gemv_rows);
-at::Tensor int8_x16_linear(const at::Tensor& x_in, const at::Tensor& qweight, const at::Tensor& scales,
-                           const c10::optional<at::Tensor>& bias, int64_t max_gemv_rows);
-at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                       int64_t max_gemv_rows);
+#include "kernel_ops.h"
 
+namespace frugal {
 namespace {
 
 // key/value [n, Hkv, D] -> kv_cache [2, num_blocks, block_size, Hkv, D] at flat slots slot_mapping [m]

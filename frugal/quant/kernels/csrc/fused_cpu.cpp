@@ -18,6 +18,7 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include "kernel_ops.h"
 #include "work_sharing.h"
 
 #include <cmath>
@@ -181,21 +182,31 @@ void rotary_kernel(const int64_t* positions, T* q, int64_t q_tok_stride, int64_t
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> rotary_embedding_cpu(const at::Tensor& positions, const at::Tensor& query_in,
-                                                        const at::Tensor& key_in, const at::Tensor& cos_cache,
-                                                        const at::Tensor& sin_cache) {
-  TORCH_CHECK(query_in.dim() == 3 && key_in.dim() == 3, "query/key must be [tokens, heads, head_dim]");
-  at::Tensor query = query_in.clone(at::MemoryFormat::Contiguous), key = key_in.clone(at::MemoryFormat::Contiguous);
+// Rotates query [n, H, D] and key [n, Hkv, D] in place; any token/head strides, contiguous head_dim.
+void rotary_inplace_cpu(const at::Tensor& positions, at::Tensor& query, at::Tensor& key, const at::Tensor& cos_cache,
+                        const at::Tensor& sin_cache) {
+  TORCH_CHECK(query.dim() == 3 && key.dim() == 3, "query/key must be [tokens, heads, head_dim]");
+  TORCH_CHECK(query.stride(2) == 1 && key.stride(2) == 1 && query.size(0) == key.size(0) &&
+                  query.size(2) == key.size(2),
+              "query/key need a contiguous head_dim and the same tokens and head_dim");
   TORCH_CHECK(query.scalar_type() == key.scalar_type(), "query and key dtypes differ");
   TORCH_CHECK(cos_cache.scalar_type() == at::kFloat && cos_cache.is_contiguous() && sin_cache.is_contiguous() &&
                   cos_cache.size(1) == query.size(2),
               "cos/sin caches must be contiguous float32 [max_position, head_dim]");
   const at::Tensor pos = positions.to(at::kLong).contiguous();
+  TORCH_CHECK(pos.numel() == query.size(0), "one position per token expected");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(), "rotary_embedding", [&] {
     rotary_kernel<scalar_t>(pos.data_ptr<int64_t>(), query.data_ptr<scalar_t>(), query.stride(0), query.stride(1),
                             query.size(1), key.data_ptr<scalar_t>(), key.stride(0), key.stride(1), key.size(1),
                             cos_cache.data_ptr<float>(), sin_cache.data_ptr<float>(), query.size(2), query.size(0));
   });
+}
+
+std::tuple<at::Tensor, at::Tensor> rotary_embedding_cpu(const at::Tensor& positions, const at::Tensor& query_in,
+                                                        const at::Tensor& key_in, const at::Tensor& cos_cache,
+                                                        const at::Tensor& sin_cache) {
+  at::Tensor query = query_in.clone(at::MemoryFormat::Contiguous), key = key_in.clone(at::MemoryFormat::Contiguous);
+  rotary_inplace_cpu(positions, query, key, cos_cache, sin_cache);
   return {query, key};
 }
 
@@ -498,6 +509,24 @@ at::Tensor paged_attention_decode_cpu(const at::Tensor& query, const at::Tensor&
 }
 
 }  // namespace
+
+// The CPU implementations, callable from C++ (kernel_ops.h; the whole-step decode in decode_stack.cpp).
+namespace frugal::fused {
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) { return rms_norm_cpu(x, weight, eps); }
+std::tuple<at::Tensor, at::Tensor> fused_add_rms_norm(const at::Tensor& x, const at::Tensor& residual,
+                                                      const at::Tensor& weight, double eps) {
+  return fused_add_rms_norm_cpu(x, residual, weight, eps);
+}
+void rotary_inplace(const at::Tensor& positions, at::Tensor& query, at::Tensor& key, const at::Tensor& cos_cache,
+                    const at::Tensor& sin_cache) {
+  rotary_inplace_cpu(positions, query, key, cos_cache, sin_cache);
+}
+at::Tensor silu_and_mul(const at::Tensor& x) { return silu_and_mul_cpu(x); }
+at::Tensor paged_attention_decode(const at::Tensor& query, const at::Tensor& kv_cache, const at::Tensor& block_tables,
+                                  const at::Tensor& seq_lens, double scale, int64_t sliding_window) {
+  return paged_attention_decode_cpu(query, kv_cache, block_tables, seq_lens, scale, sliding_window);
+}
+}  // namespace frugal::fused
 
 TORCH_LIBRARY(frugal, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");

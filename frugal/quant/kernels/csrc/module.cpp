@@ -2,27 +2,8 @@
 #include <torch/extension.h>
 
 #include "common.h"
+#include "kernel_ops.h"
 
-namespace frugal {
-at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& qweight, const at::Tensor& scales,
-                       const c10::optional<at::Tensor>& zeros, int64_t group_size,
-                       const c10::optional<at::Tensor>& bias, int64_t max_gemv_rows);
-at::Tensor int4_dequantize(const at::Tensor& qweight, const at::Tensor& scales,
-                           const c10::optional<at::Tensor>& zeros, int64_t group_size, at::ScalarType dtype);
-at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                       const c10::optional<at::Tensor>& bias, int64_t max_gemv_rows);
-at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                       int64_t max_gemv_rows);
-int64_t read_probe(const at::Tensor& buffer);
-at::Tensor int4_x16_linear(const at::Tensor& x_in, const at::Tensor& qweight, const at::Tensor& scales,
-                           const c10::optional<at::Tensor>& zeros, int64_t group_size,
-                           const c10::optional<at::Tensor>& bias, int64_t max_gemv_rows);
-at::Tensor int4_x16_dequantize(const at::Tensor& qweight, const at::Tensor& scales,
-                               const c10::optional<at::Tensor>& zeros, int64_t group_size, at::ScalarType dtype);
-bool has_vnni_path();
-at::Tensor int8_x16_linear(const at::Tensor& x_in, const at::Tensor& qweight, const at::Tensor& scales,
-                           const c10::optional<at::Tensor>& bias, int64_t max_gemv_rows);
-}  // namespace frugal
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "frugal CPU kernels: INT4/INT8 weight-only and BF16 streaming GEMV";
@@ -35,6 +16,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_x16_linear", &frugal::int8_x16_linear, "INT8 (x16 layout) x INT8-rounded activations, AVX512-VNNI");
   m.def("has_vnni_path", &frugal::has_vnni_path, "whether this CPU has AVX512-VNNI (the x16 kernel)");
   m.def("read_probe", &frugal::read_probe, "read a uint8 buffer once (memory bandwidth probe)");
+  frugal::register_decode_stack(m);
   m.def("has_fast_path", &frugal::cpu_has_avx512_bf16, "whether this CPU has AVX512-BF16 (else every call dequantises)");
 }
 
