@@ -3,9 +3,34 @@
     from frugal import LLM, SamplingParams
 """
 
-from frugal.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
-from frugal.errors import ConfigError, FrugalError, InvalidRequestError, ModelLoadError
-from frugal.sampling_params import SamplingParams
+import os as _os
+import sys as _sys
+
+
+def _prefer_passive_openmp() -> None:
+    """Make OpenMP's idle workers sleep instead of spinning (OMP_WAIT_POLICY=PASSIVE), unless the user
+    chose a policy, torch (hence libgomp, which reads it once) is already loaded, or FRUGAL_OMP_DEFAULTS
+    is set (the peers benchmark runs llama.cpp and transformers with their own defaults).
+
+    Why: frugal's streaming kernels share work with their own helper threads, while small ATen ops on
+    the decode path (the logits' float copy, the sampler's argmax/softmax) still run OpenMP regions,
+    whose workers then spin for a while. On a 2-core machine a spinning worker holds the core the next
+    kernel's helper needs: SmolLM2-135M INT4 decoded at 74 tok/s by default and 106-120 tok/s passive,
+    with the same prefill speed (one-off measurement, see benchmarks/README.md)."""
+    if "torch" in _sys.modules or "OMP_WAIT_POLICY" in _os.environ or _os.environ.get("FRUGAL_OMP_DEFAULTS"):
+        return
+    _os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    _os.environ[OMP_POLICY_MARKER] = "1"  # tells child processes the policy is ours, not the user's
+
+
+OMP_POLICY_MARKER = "FRUGAL_SET_OMP_WAIT_POLICY"
+
+
+_prefer_passive_openmp()
+
+from frugal.config import CacheConfig  # noqa: E402, EngineConfig, ModelConfig, SchedulerConfig
+from frugal.errors import ConfigError, FrugalError, InvalidRequestError, ModelLoadError  # noqa: E402
+from frugal.sampling_params import SamplingParams  # noqa: E402
 
 __all__ = [
     "LLM", "SamplingParams", "EngineConfig", "ModelConfig", "CacheConfig", "SchedulerConfig",

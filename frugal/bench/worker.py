@@ -7,6 +7,7 @@ SPEC: {"engine": "frugal" | "llama.cpp" | "hf" | "bandwidth", "threads": N, ...}
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -43,7 +44,7 @@ def run_spec(spec: dict) -> dict:
         return measure_frugal(spec["model"], spec.get("quantization"), spec.get("dtype", "bfloat16"), len(prompt),
                               gen_len, repeats, threads, prompt=prompt,
                               quant_activations=spec.get("quant_activations", "int8"),
-                              compile=spec.get("compile", False))
+                              compile=spec.get("compile", False), native_decode=spec.get("native_decode", True))
     from frugal.model.arch_config import load_arch_config
 
     arch = load_arch_config(spec["model"])
@@ -80,10 +81,25 @@ def run_spec(spec: dict) -> dict:
     raise ValueError(f"unknown engine {engine!r}")
 
 
+def worker_env(engine: str) -> dict[str, str]:
+    """The environment of a worker: peers (llama.cpp, transformers) get OpenMP's defaults back — frugal
+    prefers a passive OMP_WAIT_POLICY for itself (frugal/__init__.py), and llama.cpp's OpenMP threads
+    rely on spinning between ops."""
+    import frugal
+
+    env = dict(os.environ)
+    if engine in ("frugal", "bandwidth"):
+        return env
+    if env.pop(frugal.OMP_POLICY_MARKER, None):
+        env.pop("OMP_WAIT_POLICY", None)
+    env["FRUGAL_OMP_DEFAULTS"] = "1"
+    return env
+
+
 def run_in_subprocess(spec: dict, timeout_s: float = 3600) -> dict:
     """Run `spec` in a fresh Python process; raises RuntimeError with its stderr tail on failure."""
     proc = subprocess.run([sys.executable, "-m", "frugal.bench.worker", json.dumps(spec)], capture_output=True,
-                          text=True, timeout=timeout_s)
+                          text=True, timeout=timeout_s, env=worker_env(spec.get("engine", "")))
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(MARKER):
             return json.loads(line[len(MARKER):])
