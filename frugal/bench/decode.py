@@ -48,9 +48,11 @@ def current_rss_bytes() -> int:
 
 def decode_path(model_forward, model) -> str:
     """'native', 'compiled' or 'eager': what ran the engine's decode steps."""
+    from frugal.runner.native_decode import NativeDecode
+
     if model_forward is model:
         return "eager"
-    return "native" if type(model_forward).__name__ == "NativeDecode" else "compiled"
+    return "native" if isinstance(model_forward, NativeDecode) else "compiled"
 
 
 def measure_frugal(model_dir: Path | str, quantization=None, dtype: str = "bfloat16", prompt_len: int = 512,

@@ -135,7 +135,7 @@ class DecodeStack {
   at::Tensor forward(const at::Tensor& hidden, const at::Tensor& positions, const std::vector<at::Tensor>& kv_caches,
                      const at::Tensor& slot_mapping, const at::Tensor& block_tables, const at::Tensor& seq_lens) const {
     TORCH_CHECK(int64_t(kv_caches.size()) == num_layers(), "one KV cache per layer expected");
-    TORCH_CHECK(hidden.dim() == 2 && hidden.is_contiguous(), "hidden must be contiguous [n, hidden]");
+    TORCH_CHECK(hidden.dim() == 2, "hidden must be [n, hidden]");
     const int64_t n = hidden.size(0);
     TORCH_CHECK(positions.numel() == n && slot_mapping.numel() == n && seq_lens.numel() == n &&
                     block_tables.size(0) == n,
@@ -143,7 +143,7 @@ class DecodeStack {
     TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.is_contiguous(), "slot_mapping: int64");
     const int64_t* slots = slot_mapping.data_ptr<int64_t>();
     const int64_t q_size = H_ * D_, kv_size = Hkv_ * D_;
-    at::Tensor x = hidden, residual, h;
+    at::Tensor x = hidden.contiguous(), residual, h;
     for (int64_t i = 0; i < num_layers(); ++i) {
       const NativeLayer& layer = layers_[i];
       const at::Tensor& kv_cache = kv_caches[i];
