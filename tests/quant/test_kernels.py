@@ -48,10 +48,13 @@ def test_int8_kernel_matches_dequantized_matmul(cpu_ops, dtype, num_rows):
 
 
 @pytest.mark.parametrize("num_rows", [1, 4, 7, 40])
-def test_bf16_kernel_matches_linear(cpu_ops, num_rows):
+# One activation row streams each weight row with four accumulators over 128 features, then 32 at a time:
+# 96 (remainder only), 224 (both), 2048 (many blocks).
+@pytest.mark.parametrize("in_features", [96, 128, 224, 2048])
+def test_bf16_kernel_matches_linear(cpu_ops, num_rows, in_features):
     torch.manual_seed(num_rows)
-    weight = torch.randn(45, 128).bfloat16()
-    x = torch.randn(num_rows, 128).bfloat16()
+    weight = torch.randn(45, in_features).bfloat16()
+    x = torch.randn(num_rows, in_features).bfloat16()
     bias = torch.randn(45).bfloat16()
     y = cpu_ops.bf16_linear(x, weight, bias, 16)
     torch.testing.assert_close(y.float(), oracle(x, weight, bias), atol=2e-2, rtol=2e-2)
