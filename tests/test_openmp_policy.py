@@ -48,3 +48,11 @@ def test_peer_workers_get_openmp_defaults(clean_env, monkeypatch):
     assert worker_env("frugal")["OMP_WAIT_POLICY"] == "PASSIVE"
     monkeypatch.delenv(frugal.OMP_POLICY_MARKER)  # the user's own choice reaches every worker
     assert worker_env("hf")["OMP_WAIT_POLICY"] == "PASSIVE"
+
+
+def test_package_exports_survive_the_early_environment_setup():
+    """The imports after `_prefer_passive_openmp()` still provide every public name."""
+    import frugal
+
+    for name in frugal.__all__:
+        assert getattr(frugal, name) is not None, name

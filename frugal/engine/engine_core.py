@@ -138,17 +138,20 @@ class EngineCore:
         """The runner's forward: the torch.compile'd decode step when `compile` is on (and supported,
         else a warning), else the native C++ decode step when `native_decode` is on and the model
         qualifies, else None (the eager model)."""
-        if not model_config.compile:
-            if not model_config.native_decode or self.device.type != "cpu":
-                return None
-            from frugal.runner.native_decode import NativeDecode, native_decode_unsupported
+        if model_config.compile:
+            return self._compiled_forward()
+        if not model_config.native_decode or self.device.type != "cpu":
+            return None
+        from frugal.runner.native_decode import NativeDecode, native_decode_unsupported
 
-            reason = native_decode_unsupported(self.model)
-            if reason is not None:
-                logger.info("decode steps run eagerly: %s", reason)
-                return None
-            logger.info("decode steps run natively (one C++ call per step)")
-            return NativeDecode(self.model)
+        reason = native_decode_unsupported(self.model)
+        if reason is not None:
+            logger.info("decode steps run eagerly: %s", reason)
+            return None
+        logger.info("decode steps run natively (one C++ call per step)")
+        return NativeDecode(self.model)
+
+    def _compiled_forward(self):
         from frugal.runner.compiled_decode import CompiledDecode, compile_supported
 
         reason = compile_supported(self.model)
