@@ -9,7 +9,9 @@ The embedding lookup stays in Python (one call); prefill chunks, mixed batches, 
 steps run the eager model, where kernel time dominates.
 
 Unlike `torch.compile` (runner/compiled_decode.py) there is nothing to trace or compile at run time:
-the stack is built once at engine construction, in milliseconds. A model qualifies when every
+the stack is built once at engine construction, in about a millisecond. It holds references to the
+weight tensors and reads the module structure only then: in-place weight updates reach it, but code that
+swaps modules or parameters after construction must build a new NativeDecode. A model qualifies when every
 projection's LinearMethod reports a `native_spec` (frugal's CPU kernels or F.linear), its MLP is the
 dense SwiGLU, its norms are RMSNorm and attention runs on the 'cpu' backend; `native_decode_unsupported`
 says why not otherwise, and the engine then runs eagerly.
