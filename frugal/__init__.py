@@ -15,8 +15,7 @@ def _prefer_passive_openmp() -> None:
     Why: frugal's streaming kernels share work with their own helper threads, while small ATen ops on
     the decode path (the logits' float copy, the sampler's argmax/softmax) still run OpenMP regions,
     whose workers then spin for a while. On a 2-core machine a spinning worker holds the core the next
-    kernel's helper needs: SmolLM2-135M INT4 decoded at 74 tok/s by default and 106-120 tok/s passive,
-    with the same prefill speed (one-off measurement, see README.md "OpenMP wait policy")."""
+    kernel's helper needs (measurements: README.md, "OpenMP wait policy")."""
     if "torch" in _sys.modules or "OMP_WAIT_POLICY" in _os.environ or _os.environ.get("FRUGAL_OMP_DEFAULTS"):
         return
     _os.environ["OMP_WAIT_POLICY"] = "PASSIVE"

@@ -19,7 +19,6 @@
 
 #include "kernel_ops.h"
 
-#include <cstring>
 #include <string>
 #include <vector>
 
@@ -76,25 +75,6 @@ struct NativeLayer {
   int64_t sliding_window;  // 0: none
 };
 
-// key/value [n, Hkv, D] (token stride free, rows contiguous) -> kv_cache [2, num_blocks, block_size, Hkv, D]
-// at flat slots slot_mapping [n].
-void write_kv(const at::Tensor& kv_cache, const at::Tensor& key, const at::Tensor& value, const int64_t* slots,
-              int64_t n) {
-  const int64_t row = kv_cache.size(3) * kv_cache.size(4);
-  const int64_t num_slots = kv_cache.size(1) * kv_cache.size(2);
-  const int64_t bytes = row * kv_cache.element_size();
-  char* k_cache = static_cast<char*>(kv_cache.data_ptr());
-  char* v_cache = k_cache + kv_cache.stride(0) * kv_cache.element_size();
-  const char* k = static_cast<const char*>(key.data_ptr());
-  const char* v = static_cast<const char*>(value.data_ptr());
-  const int64_t k_stride = key.stride(0) * key.element_size(), v_stride = value.stride(0) * value.element_size();
-  for (int64_t t = 0; t < n; ++t) {
-    TORCH_CHECK(slots[t] >= 0 && slots[t] < num_slots, "slot ", slots[t], " outside the KV cache");
-    std::memcpy(k_cache + slots[t] * bytes, k + t * k_stride, bytes);
-    std::memcpy(v_cache + slots[t] * bytes, v + t * v_stride, bytes);
-  }
-}
-
 class DecodeStack {
  public:
   DecodeStack(int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, double scale, at::Tensor cos_cache,
@@ -140,8 +120,6 @@ class DecodeStack {
     TORCH_CHECK(positions.numel() == n && slot_mapping.numel() == n && seq_lens.numel() == n &&
                     block_tables.size(0) == n,
                 "decode rows only: one position, slot, sequence length and block table per token");
-    TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.is_contiguous(), "slot_mapping: int64");
-    const int64_t* slots = slot_mapping.data_ptr<int64_t>();
     const int64_t q_size = H_ * D_, kv_size = Hkv_ * D_;
     at::Tensor x = hidden.contiguous(), residual, h;
     for (int64_t i = 0; i < num_layers(); ++i) {
@@ -162,7 +140,7 @@ class DecodeStack {
       at::Tensor k = qkv.narrow(1, q_size, kv_size).view({n, Hkv_, D_});
       const at::Tensor v = qkv.narrow(1, q_size + kv_size, kv_size).view({n, Hkv_, D_});
       fused::rotary_inplace(positions, q, k, cos_, sin_);
-      write_kv(kv_cache, k, v, slots, n);
+      write_kv_cache(kv_cache, k, v, slot_mapping);
       const at::Tensor attn = fused::paged_attention_decode(q, kv_cache, block_tables, seq_lens, scale_,
                                                             layer.sliding_window)
                                   .view({n, q_size});

@@ -6,21 +6,41 @@
 
 #include "kernel_ops.h"
 
+#include <cstring>
+
 namespace frugal {
-namespace {
 
 // key/value [n, Hkv, D] -> kv_cache [2, num_blocks, block_size, Hkv, D] at flat slots slot_mapping [m]
-// (m <= n: rows past m are padding), as frugal.layers.attention.write_kv_cache does.
-void write_kv_cache(const at::Tensor& kv_cache, const at::Tensor& key, const at::Tensor& value,
+// (m <= n: rows past m are padding), as frugal.layers.attention.write_kv_cache does: one row copy per
+// slot (no index_copy_ temporaries; the native decode step calls this once per layer).
+void write_kv_cache(const at::Tensor& kv_cache, const at::Tensor& key_in, const at::Tensor& value_in,
                     const at::Tensor& slot_mapping) {
-  const int64_t num_kv_heads = kv_cache.size(3), head_dim = kv_cache.size(4), n = slot_mapping.size(0);
-  kv_cache[0].view({-1, num_kv_heads, head_dim})
-      .index_copy_(0, slot_mapping, key.narrow(0, 0, n).to(kv_cache.scalar_type()));
-  kv_cache[1].view({-1, num_kv_heads, head_dim})
-      .index_copy_(0, slot_mapping, value.narrow(0, 0, n).to(kv_cache.scalar_type()));
+  TORCH_CHECK(kv_cache.dim() == 5 && kv_cache.size(0) == 2 && kv_cache.is_contiguous(),
+              "kv_cache must be contiguous [2, num_blocks, block_size, num_kv_heads, head_dim]");
+  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong, "slot_mapping must be int64");
+  const int64_t n = slot_mapping.numel(), row = kv_cache.size(3) * kv_cache.size(4);
+  TORCH_CHECK(key_in.size(0) >= n && value_in.size(0) >= n, "fewer key/value rows than slots");
+  // Rows of [n, Hkv * D] in the cache dtype, each contiguous (views of a fused qkv output qualify).
+  auto rows = [&](const at::Tensor& t) {
+    at::Tensor r = t.narrow(0, 0, n).reshape({n, -1}).to(kv_cache.scalar_type());
+    TORCH_CHECK(r.size(1) == row, "key/value rows hold ", r.size(1), " values, the cache ", row);
+    return r.stride(1) == 1 ? r : r.contiguous();
+  };
+  const at::Tensor key = rows(key_in), value = rows(value_in), slots = slot_mapping.contiguous();
+  const int64_t num_slots = kv_cache.size(1) * kv_cache.size(2), bytes = row * kv_cache.element_size();
+  char* k_cache = static_cast<char*>(kv_cache.data_ptr());
+  char* v_cache = k_cache + kv_cache.stride(0) * kv_cache.element_size();
+  const char* k = static_cast<const char*>(key.data_ptr());
+  const char* v = static_cast<const char*>(value.data_ptr());
+  const int64_t k_stride = key.stride(0) * key.element_size(), v_stride = value.stride(0) * value.element_size();
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  for (int64_t t = 0; t < n; ++t) {
+    TORCH_CHECK(slot[t] >= 0 && slot[t] < num_slots, "slot ", slot[t], " outside the KV cache");
+    std::memcpy(k_cache + slot[t] * bytes, k + t * k_stride, bytes);
+    std::memcpy(v_cache + slot[t] * bytes, v + t * v_stride, bytes);
+  }
 }
 
-}  // namespace
 }  // namespace frugal
 
 TORCH_LIBRARY_FRAGMENT(frugal, m) {

@@ -28,6 +28,11 @@ bool has_vnni_path();
 at::Tensor int8_x16_linear(const at::Tensor& x_in, const at::Tensor& qweight, const at::Tensor& scales,
                            const c10::optional<at::Tensor>& bias, int64_t max_gemv_rows);
 
+// key/value [n, Hkv, D] -> kv_cache [2, num_blocks, block_size, Hkv, D] at flat slots slot_mapping [m <= n]
+// (dispatcher_ops.cpp; also torch.ops.frugal.write_kv_cache).
+void write_kv_cache(const at::Tensor& kv_cache, const at::Tensor& key, const at::Tensor& value,
+                    const at::Tensor& slot_mapping);
+
 // Fused per-token ops (fused_cpu.cpp; the CPU implementations behind torch.ops.frugal.*).
 namespace fused {
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
