@@ -81,14 +81,19 @@ def cmd_decode(args: argparse.Namespace) -> int:
 
     quant = quant_config_from_args(args)
     if args.profile:
-        from frugal.bench.profile_decode import profile_decode
+        from frugal.bench.output import write_json_and_png
+        from frugal.bench.profile_decode import plot_profile, profile_decode
 
-        result = profile_decode(args.model, quant, args.dtype, args.prompt_len, threads=args.threads)
+        result = profile_decode(args.model, quant, args.dtype, args.prompt_len, threads=args.threads,
+                                native_decode=args.native_decode)
         result["command"] = invoked_command()
-        name = args.name or f"profile_{Path(args.model).name}_{result['quantization'] or args.dtype}"
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / f"{name}.json").write_text(json.dumps(result, indent=2))
+        label = result["quantization"] or args.dtype
+        name = args.name or f"profile_{Path(args.model).name}_{label}" + (
+            "" if result["decode_path"] == "native" else f"_{result['decode_path']}")
+        json_path, png_path = write_json_and_png(
+            result, Path(args.out), name, lambda png: plot_profile(result, png, f"{Path(args.model).name} {label}"))
         print(json.dumps(result, indent=2))
+        logger.info("wrote %s and %s", json_path, png_path)
         return 0
     results = run_bench(Path(args.model), quant, args.dtype, args.prompt_len, args.gen_len, args.repeats,
                         args.threads, invoked_command(), compile=args.compile,

@@ -19,6 +19,8 @@
 
 #include "kernel_ops.h"
 
+#include <array>
+#include <chrono>
 #include <string>
 #include <vector>
 
@@ -68,6 +70,42 @@ struct NativeLinear {
   }
 };
 
+// What `DecodeStack::profile` splits a step's time into (frugal/bench/profile_decode.py).
+enum Part : int { kNorms, kQkv, kRotaryKvWrite, kAttention, kO, kGateUp, kSiluAndMul, kDown, kLmHead, kNumParts };
+constexpr std::array<const char*, kNumParts> kPartNames = {
+    "norms", "qkv_proj", "rotary + kv write", "attention", "o_proj", "gate_up_proj", "silu_and_mul", "down_proj",
+    "lm_head"};
+
+// Per-part wall time and call counts while profiling is on; off, `run` is a plain call.
+class PartClock {
+ public:
+  bool enabled = false;
+
+  template <class F>
+  auto run(Part part, F&& fn) -> decltype(fn()) {
+    if (!enabled) return fn();
+    const auto start = std::chrono::steady_clock::now();
+    auto result = fn();
+    ns_[part] += std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - start).count();
+    calls_[part] += 1;
+    return result;
+  }
+
+  void reset() { ns_.fill(0); calls_.fill(0); }
+
+  // {part name: (calls, seconds)} for the parts that ran.
+  pybind11::dict as_dict() const {
+    pybind11::dict out;
+    for (int part = 0; part < kNumParts; ++part) {
+      if (calls_[part] > 0) out[kPartNames[part]] = pybind11::make_tuple(calls_[part], ns_[part] * 1e-9);
+    }
+    return out;
+  }
+
+ private:
+  std::array<int64_t, kNumParts> ns_{}, calls_{};
+};
+
 struct NativeLayer {
   NativeLinear qkv, o, gate_up, down;
   at::Tensor input_norm, post_norm;
@@ -100,7 +138,7 @@ class DecodeStack {
   // spinning workers then take the core the next step's kernel helpers need.)
   at::Tensor logits(const at::Tensor& hidden_rows) const {
     TORCH_CHECK(head_.has_value(), "no LM head set");
-    const at::Tensor y = (*head_)(hidden_rows.contiguous());
+    const at::Tensor y = clock_.run(kLmHead, [&] { return (*head_)(hidden_rows.contiguous()); });
     if (y.scalar_type() == at::kFloat) return y;
     if (y.scalar_type() != at::kBFloat16) return y.to(at::kFloat);
     at::Tensor out = at::empty(y.sizes(), y.options().dtype(at::kFloat));
@@ -130,25 +168,41 @@ class DecodeStack {
                   "KV cache of layer ", i, " must be contiguous [2, blocks, block_size, Hkv, D] in the model dtype");
       if (i == 0) {
         residual = x;
-        h = fused::rms_norm(x, layer.input_norm, layer.input_eps);
+        h = clock_.run(kNorms, [&] { return fused::rms_norm(x, layer.input_norm, layer.input_eps); });
       } else {
-        std::tie(h, residual) = fused::fused_add_rms_norm(x, residual, layer.input_norm, layer.input_eps);
+        std::tie(h, residual) = clock_.run(
+            kNorms, [&] { return fused::fused_add_rms_norm(x, residual, layer.input_norm, layer.input_eps); });
       }
-      const at::Tensor qkv = layer.qkv(h);  // [n, (H + 2 Hkv) D]
+      const at::Tensor qkv = clock_.run(kQkv, [&] { return layer.qkv(h); });  // [n, (H + 2 Hkv) D]
       TORCH_CHECK(qkv.size(1) == q_size + 2 * kv_size, "qkv_proj width does not match the head counts");
       at::Tensor q = qkv.narrow(1, 0, q_size).view({n, H_, D_});
       at::Tensor k = qkv.narrow(1, q_size, kv_size).view({n, Hkv_, D_});
       const at::Tensor v = qkv.narrow(1, q_size + kv_size, kv_size).view({n, Hkv_, D_});
-      fused::rotary_inplace(positions, q, k, cos_, sin_);
-      write_kv_cache(kv_cache, k, v, slot_mapping);
-      const at::Tensor attn = fused::paged_attention_decode(q, kv_cache, block_tables, seq_lens, scale_,
-                                                            layer.sliding_window)
-                                  .view({n, q_size});
-      std::tie(h, residual) = fused::fused_add_rms_norm(layer.o(attn), residual, layer.post_norm, layer.post_eps);
-      x = layer.down(fused::silu_and_mul(layer.gate_up(h)));
+      clock_.run(kRotaryKvWrite, [&] {
+        fused::rotary_inplace(positions, q, k, cos_, sin_);
+        write_kv_cache(kv_cache, k, v, slot_mapping);
+        return 0;
+      });
+      const at::Tensor attn = clock_.run(kAttention, [&] {
+        return fused::paged_attention_decode(q, kv_cache, block_tables, seq_lens, scale_, layer.sliding_window);
+      }).view({n, q_size});
+      const at::Tensor o = clock_.run(kO, [&] { return layer.o(attn); });
+      std::tie(h, residual) =
+          clock_.run(kNorms, [&] { return fused::fused_add_rms_norm(o, residual, layer.post_norm, layer.post_eps); });
+      const at::Tensor gate_up = clock_.run(kGateUp, [&] { return layer.gate_up(h); });
+      const at::Tensor act = clock_.run(kSiluAndMul, [&] { return fused::silu_and_mul(gate_up); });
+      x = clock_.run(kDown, [&] { return layer.down(act); });
     }
-    return std::get<0>(fused::fused_add_rms_norm(x, residual, final_norm_, final_eps_));
+    return std::get<0>(
+        clock_.run(kNorms, [&] { return fused::fused_add_rms_norm(x, residual, final_norm_, final_eps_); }));
   }
+
+  // Profiling: per-part wall time of `forward` and `logits` (a steady_clock read around each kernel call,
+  // ~50 ns; off by default). Not thread-safe: one step at a time, as the engine runs them.
+  void set_profiling(bool enabled) { clock_.enabled = enabled; }
+  bool profiling() const { return clock_.enabled; }
+  void reset_profile() { clock_.reset(); }
+  pybind11::dict profile() const { return clock_.as_dict(); }
 
  private:
   int64_t H_, Hkv_, D_;
@@ -157,6 +211,7 @@ class DecodeStack {
   double final_eps_;
   std::vector<NativeLayer> layers_;
   c10::optional<NativeLinear> head_;
+  mutable PartClock clock_;
 };
 
 }  // namespace
@@ -178,6 +233,10 @@ void register_decode_stack(pybind11::module& m) {
       .def_property_readonly("num_layers", &DecodeStack::num_layers)
       .def("set_lm_head", &DecodeStack::set_lm_head, py::arg("head"))
       .def_property_readonly("has_lm_head", &DecodeStack::has_lm_head)
+      .def_property("profiling", &DecodeStack::profiling, &DecodeStack::set_profiling)
+      .def("reset_profile", &DecodeStack::reset_profile)
+      .def("profile", &DecodeStack::profile,
+           "{part: (calls, seconds)} accumulated while `profiling` is on, since the last reset_profile()")
       .def("logits", &DecodeStack::logits, py::call_guard<py::gil_scoped_release>(), py::arg("hidden_rows"))
       .def("forward", &DecodeStack::forward, py::call_guard<py::gil_scoped_release>(), py::arg("hidden"),
            py::arg("positions"), py::arg("kv_caches"), py::arg("slot_mapping"), py::arg("block_tables"),
