@@ -97,3 +97,25 @@ def test_paged_decode_attention_odd_head_dim_uses_the_scalar_path():
     ours = get_attention_backend("cpu").forward(query, kv_cache, metadata, 0.3, None)
     reference = ReferenceAttentionBackend().forward(query, kv_cache, metadata, 0.3, None)
     torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paged_decode_attention_does_not_depend_on_batch_or_threads(dtype):
+    """Work is split by position chunks fixed by each request's own length: a request's output is the
+    same bits alone or in a batch, on one thread or two (so greedy decoding cannot change with either)."""
+    query, kv_cache, metadata = _paged_decode_case(dtype, [700, 5, 300], num_heads=9, num_kv_heads=3, head_dim=64)
+    backend = get_attention_backend("cpu")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        batched = backend.forward(query, kv_cache, metadata, 0.125, None)
+        torch.set_num_threads(1)
+        one_thread = backend.forward(query, kv_cache, metadata, 0.125, None)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(batched, one_thread)
+    for i, seq_len in enumerate(metadata.seq_lens):
+        alone = AttentionMetadata(slot_mapping=metadata.slot_mapping[i:i + 1],
+                                  block_tables=metadata.block_tables[i:i + 1], query_start_loc=[0, 1], query_lens=[1],
+                                  seq_lens=[seq_len], block_size=metadata.block_size)
+        assert torch.equal(backend.forward(query[i:i + 1], kv_cache, alone, 0.125, None), batched[i:i + 1])

@@ -33,7 +33,8 @@ at::Tensor int8_x16_linear(const at::Tensor& x_in, const at::Tensor& qweight, co
 void write_kv_cache(const at::Tensor& kv_cache, const at::Tensor& key, const at::Tensor& value,
                     const at::Tensor& slot_mapping);
 
-// Fused per-token ops (fused_cpu.cpp; the CPU implementations behind torch.ops.frugal.*).
+// Fused per-token ops (fused_cpu.cpp; decode attention: decode_attention_cpu.cpp), the CPU implementations
+// behind torch.ops.frugal.*.
 namespace fused {
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
 std::tuple<at::Tensor, at::Tensor> fused_add_rms_norm(const at::Tensor& x, const at::Tensor& residual,
