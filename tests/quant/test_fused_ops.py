@@ -21,13 +21,14 @@ def _ops(cpu_ops):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rms_norm_fused_matches_eager(dtype):
-    norm = RMSNorm(96, eps=1e-5)
+@pytest.mark.parametrize("hidden", [96, 100])  # 100: a tail after the 16-wide vectors
+def test_rms_norm_fused_matches_eager(dtype, hidden):
+    norm = RMSNorm(hidden, eps=1e-5)
     assert norm._forward_method == norm._forward_fused
     with torch.no_grad():
-        norm.weight.copy_(torch.randn(96))
+        norm.weight.copy_(torch.randn(hidden))
     norm = norm.to(dtype)
-    x, residual = torch.randn(7, 96).to(dtype), torch.randn(7, 96).to(dtype)
+    x, residual = torch.randn(7, hidden).to(dtype), torch.randn(7, hidden).to(dtype)
     torch.testing.assert_close(norm(x), norm._forward_native(x, None), **EXACT[dtype])
     fused_out, fused_sum = norm(x, residual)
     native_out, native_sum = norm._forward_native(x, residual)
@@ -36,12 +37,13 @@ def test_rms_norm_fused_matches_eager(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rotary_fused_matches_eager_and_leaves_inputs_alone(dtype):
-    rope = RotaryEmbedding(16, 64, 10000.0)
+@pytest.mark.parametrize("head_dim", [16, 64])  # 64: the 16-wide vector path (half a head per vector pair)
+def test_rotary_fused_matches_eager_and_leaves_inputs_alone(dtype, head_dim):
+    rope = RotaryEmbedding(head_dim, 64, 10000.0)
     assert rope._forward_method == rope._forward_fused
-    qkv = torch.randn(5, 4 * 16 + 2 * 2 * 16).to(dtype)
-    q, k, _ = qkv.split([64, 32, 32], dim=-1)  # strided views, as the model passes them
-    q, k = q.reshape(5, 4, 16), k.reshape(5, 2, 16)
+    qkv = torch.randn(5, 4 * head_dim + 2 * 2 * head_dim).to(dtype)
+    q, k, _ = qkv.split([4 * head_dim, 2 * head_dim, 2 * head_dim], dim=-1)  # strided views, as the model passes
+    q, k = q.reshape(5, 4, head_dim), k.reshape(5, 2, head_dim)
     before = qkv.clone()
     positions = torch.tensor([0, 3, 63, 7, 7])
     fused_q, fused_k = rope(positions, q, k)
@@ -119,3 +121,12 @@ def test_paged_decode_attention_does_not_depend_on_batch_or_threads(dtype):
                                   block_tables=metadata.block_tables[i:i + 1], query_start_loc=[0, 1], query_lens=[1],
                                   seq_lens=[seq_len], block_size=metadata.block_size)
         assert torch.equal(backend.forward(query[i:i + 1], kv_cache, alone, 0.125, None), batched[i:i + 1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_and_mul_vector_lanes_equal_the_scalar_tail(dtype):
+    """Values repeating every 16: the scalar tail (the last 300 % 16 = 12) gives the vector lanes' bits."""
+    pattern = torch.randn(2, 16) * 4
+    gate, up = pattern[0].repeat(19)[:300], pattern[1].repeat(19)[:300]
+    out = torch.ops.frugal.silu_and_mul(torch.cat([gate, up]).to(dtype).unsqueeze(0))[0]
+    assert torch.equal(out[288:], out[:12])

@@ -23,6 +23,7 @@
 #include "simd_math.h"
 
 #include <cmath>
+#include <limits>
 #include <cstring>
 #include <vector>
 
@@ -38,6 +39,41 @@ inline T round_to(float v) { return static_cast<T>(v); }
 
 // ---- RMSNorm ------------------------------------------------------------------------------------
 
+// One row, 16 lanes at a time; the same roundings as the scalar loop below, the sum of squares in 16
+// partial sums.
+template <typename T>
+FRUGAL_SIMD_AVX512 void rms_norm_row_avx512(const T* x, const T* residual, const T* weight, T* out, T* sum_out,
+                                            float* row, int64_t hidden, float eps) {
+  using L = frugal::simd::Lanes<T>;
+  const int64_t full = hidden / 16 * 16;
+  __m512 acc16 = _mm512_setzero_ps();
+  for (int64_t h = 0; h < full; h += 16) {
+    __m512 v = L::load(x + h);
+    if (residual) {
+      v = L::round(_mm512_add_ps(v, L::load(residual + h)));
+      L::store(sum_out + h, v);
+    }
+    _mm512_storeu_ps(row + h, v);
+    acc16 = _mm512_add_ps(acc16, _mm512_mul_ps(v, v));  // no FMA: the scalar loop rounds each square
+  }
+  float acc = _mm512_reduce_add_ps(acc16);
+  for (int64_t h = full; h < hidden; ++h) {
+    float v = to_float(x[h]);
+    if (residual) {
+      const T s = round_to<T>(v + to_float(residual[h]));
+      sum_out[h] = s;
+      v = to_float(s);
+    }
+    row[h] = v;
+    acc += v * v;
+  }
+  const float inv = 1.0f / std::sqrt(acc / float(hidden) + eps);
+  const __m512 inv16 = _mm512_set1_ps(inv);
+  for (int64_t h = 0; h < full; h += 16)
+    L::store(out + h, _mm512_mul_ps(L::load(weight + h), L::round(_mm512_mul_ps(_mm512_loadu_ps(row + h), inv16))));
+  for (int64_t h = full; h < hidden; ++h) out[h] = round_to<T>(to_float(weight[h]) * to_float(round_to<T>(row[h] * inv)));
+}
+
 template <typename T>
 void rms_norm_kernel(const T* x, const T* residual, const T* weight, T* out, T* sum_out, int64_t rows,
                      int64_t hidden, float eps) {
@@ -45,6 +81,13 @@ void rms_norm_kernel(const T* x, const T* residual, const T* weight, T* out, T* 
     std::vector<float> row(hidden);
     for (int64_t r = r0; r < r1; ++r) {
       const T* xr = x + r * hidden;
+      if constexpr (frugal::simd::kHasLanes<T>) {
+        if (frugal::simd::has_avx512()) {
+          rms_norm_row_avx512<T>(xr, residual ? residual + r * hidden : nullptr, weight, out + r * hidden,
+                                 residual ? sum_out + r * hidden : nullptr, row.data(), hidden, eps);
+          continue;
+        }
+      }
       float acc = 0.f;
       if (residual) {
         const T* rr = residual + r * hidden;
@@ -111,11 +154,30 @@ std::tuple<at::Tensor, at::Tensor> fused_add_rms_norm_any(const at::Tensor& x, c
 
 // ---- rotary embedding ---------------------------------------------------------------------------
 
+// One head in place, half % 16 == 0: head = T(T(v * c) + T(rot * s)), rot = [-v[half:], v[:half]], with c
+// and s already rounded to T; the scalar loop's roundings exactly.
+template <typename T>
+FRUGAL_SIMD_AVX512 void rotate_half_avx512(T* head, const float* c, const float* s, int64_t half) {
+  using L = frugal::simd::Lanes<T>;
+  const __m512i sign = _mm512_set1_epi32(INT32_MIN);
+  for (int64_t i = 0; i < half; i += 16) {
+    const __m512 lo = L::load(head + i), hi = L::load(head + half + i);
+    const __m512 minus_hi = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(hi), sign));
+    const __m512 new_lo = _mm512_add_ps(L::round(_mm512_mul_ps(lo, _mm512_loadu_ps(c + i))),
+                                        L::round(_mm512_mul_ps(minus_hi, _mm512_loadu_ps(s + i))));
+    const __m512 new_hi = _mm512_add_ps(L::round(_mm512_mul_ps(hi, _mm512_loadu_ps(c + half + i))),
+                                        L::round(_mm512_mul_ps(lo, _mm512_loadu_ps(s + half + i))));
+    L::store(head + i, new_lo);
+    L::store(head + half + i, new_hi);
+  }
+}
+
 template <typename T>
 void rotary_kernel(const int64_t* positions, T* q, int64_t q_tok_stride, int64_t q_head_stride, int64_t num_heads,
                    T* k, int64_t k_tok_stride, int64_t k_head_stride, int64_t num_kv_heads, const float* cos,
                    const float* sin, int64_t head_dim, int64_t num_tokens) {
   const int64_t half = head_dim / 2;
+  const bool vector = frugal::simd::has_avx512() && half % 16 == 0;
   at::parallel_for(0, num_tokens, 64, [&](int64_t t0, int64_t t1) {
     std::vector<float> c(head_dim), s(head_dim), v(head_dim);
     for (int64_t t = t0; t < t1; ++t) {
@@ -126,6 +188,9 @@ void rotary_kernel(const int64_t* positions, T* q, int64_t q_tok_stride, int64_t
         s[i] = to_float(round_to<T>(sr[i]));
       }
       auto rotate = [&](T* head) {
+        if constexpr (frugal::simd::kHasLanes<T>) {
+          if (vector) return rotate_half_avx512(head, c.data(), s.data(), half);
+        }
         for (int64_t i = 0; i < head_dim; ++i) v[i] = to_float(head[i]);
         for (int64_t i = 0; i < head_dim; ++i) {
           const float rot = i < half ? -v[i + half] : v[i - half];
@@ -181,6 +246,23 @@ std::tuple<at::Tensor, at::Tensor> rotary_embedding_any(const at::Tensor& positi
 
 // ---- SiLU and mul -------------------------------------------------------------------------------
 
+// out[j] = T(T(g / (1 + exp(-g))) * up[j]) for the first len / 16 * 16 values, exactly as the scalar
+// loop (same exp16, IEEE division); returns how many it did.
+template <typename T>
+FRUGAL_SIMD_AVX512 int64_t silu_and_mul_avx512(const T* gate, const T* up, T* out, int64_t len) {
+  using L = frugal::simd::Lanes<T>;
+  const __m512 one = _mm512_set1_ps(1.0f);
+  int64_t j = 0;
+  for (; j + 16 <= len; j += 16) {
+    const __m512 g = L::load(gate + j);
+    const __m512 minus_g = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(g), _mm512_set1_epi32(INT32_MIN)));
+    const __m512 e = frugal::simd::exp16(minus_g);
+    const __m512 silu = L::round(_mm512_div_ps(g, _mm512_add_ps(one, e)));
+    L::store(out + j, _mm512_mul_ps(silu, L::load(up + j)));
+  }
+  return j;
+}
+
 at::Tensor silu_and_mul_cpu(const at::Tensor& x) {
   TORCH_CHECK(x.is_contiguous(), "silu_and_mul needs a contiguous input");
   const int64_t d = x.size(-1) / 2, rows = x.numel() / (2 * d);
@@ -198,9 +280,13 @@ at::Tensor silu_and_mul_cpu(const at::Tensor& x) {
         const int64_t r = c / chunks_per_row, j0 = (c % chunks_per_row) * kChunk, len = std::min(kChunk, d - j0);
         const scalar_t* gate = in + r * 2 * d + j0;
         const scalar_t* up = gate + d;
-        for (int64_t j = 0; j < len; ++j) e[j] = -to_float(gate[j]);
-        exp_inplace(e, len);
-        for (int64_t j = 0; j < len; ++j) {
+        int64_t done = 0;
+        if constexpr (frugal::simd::kHasLanes<scalar_t>) {
+          if (frugal::simd::has_avx512()) done = silu_and_mul_avx512(gate, up, o + r * d + j0, len);
+        }
+        for (int64_t j = done; j < len; ++j) e[j] = -to_float(gate[j]);
+        exp_inplace(e + done, len - done);
+        for (int64_t j = done; j < len; ++j) {
           const float g = to_float(gate[j]);
           const float silu = to_float(round_to<scalar_t>(g / (1.0f + e[j])));
           o[r * d + j0 + j] = round_to<scalar_t>(silu * to_float(up[j]));
@@ -216,7 +302,66 @@ at::Tensor silu_and_mul_any(const at::Tensor& x) {
   return at::silu(x.narrow(-1, 0, d)) * x.narrow(-1, d, d);
 }
 
+// ---- argmax over rows (greedy sampling) -----------------------------------------------------------
+//
+// torch.argmax's answer (the first maximum; the first NaN if there is one) on one thread: over a 32-150k
+// vocabulary ATen's reduction opens an OpenMP region, and waking its workers costs more than the scan.
+
+FRUGAL_SIMD_AVX512 int64_t argmax_avx512(const float* v, int64_t n) {
+  const int64_t full = n / 16 * 16;
+  __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __mmask16 nan = 0;
+  for (int64_t i = 0; i < full; i += 16) {
+    const __m512 x = _mm512_loadu_ps(v + i);
+    nan |= _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+    mx = _mm512_max_ps(mx, x);
+  }
+  float m = _mm512_reduce_max_ps(mx);
+  bool any_nan = nan != 0;
+  for (int64_t i = full; i < n; ++i) {
+    any_nan |= std::isnan(v[i]);
+    m = std::max(m, v[i]);
+  }
+  if (any_nan) {
+    for (int64_t i = 0; i < n; ++i)
+      if (std::isnan(v[i])) return i;
+  }
+  const __m512 target = _mm512_set1_ps(m);
+  for (int64_t i = 0; i < full; i += 16) {
+    const __mmask16 hit = _mm512_cmp_ps_mask(_mm512_loadu_ps(v + i), target, _CMP_EQ_OQ);
+    if (hit) return i + __builtin_ctz(hit);
+  }
+  for (int64_t i = full; i < n; ++i)
+    if (v[i] == m) return i;
+  return 0;  // unreachable for n > 0
+}
+
+int64_t argmax_scalar(const float* v, int64_t n) {
+  int64_t best = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    if (std::isnan(v[i])) return i;
+    if (v[i] > v[best]) best = i;
+  }
+  return best;
+}
+
 }  // namespace
+
+namespace frugal {
+at::Tensor argmax_rows(const at::Tensor& logits) {
+  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat && logits.size(1) > 0 &&
+                  logits.device().is_cpu(),
+              "argmax_rows needs CPU float32 logits [rows, vocab] with vocab > 0");
+  const at::Tensor x = logits.contiguous();
+  const int64_t rows = x.size(0), n = x.size(1);
+  at::Tensor out = at::empty({rows}, x.options().dtype(at::kLong));
+  int64_t* o = out.data_ptr<int64_t>();
+  const float* v = x.data_ptr<float>();
+  for (int64_t r = 0; r < rows; ++r)
+    o[r] = simd::has_avx512() ? argmax_avx512(v + r * n, n) : argmax_scalar(v + r * n, n);
+  return out;
+}
+}  // namespace frugal
 
 // The CPU implementations, callable from C++ (kernel_ops.h; the whole-step decode in decode_stack.cpp).
 namespace frugal::fused {

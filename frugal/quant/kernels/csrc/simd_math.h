@@ -1,5 +1,5 @@
 // Vector math shared by the fused per-token ops (fused_cpu.cpp) and decode attention
-// (decode_attention_cpu.cpp): the CPU checks, exp over 16 floats, bf16 loads.
+// (decode_attention_cpu.cpp): the CPU checks, exp over 16 floats, bf16 loads and exact bf16 rounding.
 #pragma once
 
 #include <torch/extension.h>
@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #define FRUGAL_SIMD_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
 
@@ -65,5 +66,39 @@ FRUGAL_SIMD_AVX512 inline __m512 load16(const at::BFloat16* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(
       _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
 }
+
+// 16 values of T (float or bf16) as fp32 lanes. `round` is float(T(v)) and `store` writes T(v), both
+// rounding exactly as c10 does (bf16: round to nearest even, NaN -> 0x7FC0), so vector code reproduces
+// the scalar casts bit for bit.
+template <typename T>
+struct Lanes;
+
+template <>
+struct Lanes<float> {
+  FRUGAL_SIMD_AVX512 static __m512 load(const float* p) { return _mm512_loadu_ps(p); }
+  FRUGAL_SIMD_AVX512 static __m512 round(__m512 v) { return v; }
+  FRUGAL_SIMD_AVX512 static void store(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+};
+
+template <>
+struct Lanes<at::BFloat16> {
+  FRUGAL_SIMD_AVX512 static __m512 load(const at::BFloat16* p) { return load16(p); }
+  // The bf16 bits of each lane's rounded value, in the low 16 bits of 32-bit lanes.
+  FRUGAL_SIMD_AVX512 static __m512i rounded_bits(__m512 v) {
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+    return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  }
+  FRUGAL_SIMD_AVX512 static __m512 round(__m512 v) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(rounded_bits(v), 16));
+  }
+  FRUGAL_SIMD_AVX512 static void store(at::BFloat16* p, __m512 v) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(rounded_bits(v)));
+  }
+};
+
+template <typename T>
+constexpr bool kHasLanes = std::is_same<T, float>::value || std::is_same<T, at::BFloat16>::value;
 
 }  // namespace frugal::simd
