@@ -29,6 +29,19 @@ from frugal.sample.metadata import SamplingMetadata
 
 logger = logging.getLogger(__name__)
 
+
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """logits [N, V] float32 -> argmax over V [N] int64 (the first maximum; the first NaN if any).
+    On the CPU with frugal's kernels it is one single-threaded scan: ATen's argmax over a vocabulary
+    opens an OpenMP region whose worker wake-up costs more than the scan itself."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.shape[-1] > 0:
+        from frugal.quant.kernels import cpu_kernels
+
+        ops = cpu_kernels()
+        if ops is not None:
+            return ops.argmax_rows(logits)
+    return logits.argmax(dim=-1)
+
 _TINY = torch.finfo(torch.float32).tiny
 
 
@@ -119,9 +132,9 @@ class Sampler:
             logits = apply_penalties(logits, md)
 
         if md.all_greedy:
-            sampled = logits.argmax(dim=-1)
+            sampled = greedy_tokens(logits)
         else:
-            greedy_sampled = logits.argmax(dim=-1) if md.greedy_mask is not None else None
+            greedy_sampled = greedy_tokens(logits) if md.greedy_mask is not None else None
             logits = logits / md.temperature.unsqueeze(1)
             logits = apply_top_k_top_p(logits, md.top_k, md.top_p)
             if md.min_p is not None:

@@ -174,10 +174,16 @@ class DecodeStack {
             kNorms, [&] { return fused::fused_add_rms_norm(x, residual, layer.input_norm, layer.input_eps); });
       }
       const at::Tensor qkv = clock_.run(kQkv, [&] { return layer.qkv(h); });  // [n, (H + 2 Hkv) D]
-      TORCH_CHECK(qkv.size(1) == q_size + 2 * kv_size, "qkv_proj width does not match the head counts");
-      at::Tensor q = qkv.narrow(1, 0, q_size).view({n, H_, D_});
-      at::Tensor k = qkv.narrow(1, q_size, kv_size).view({n, Hkv_, D_});
-      const at::Tensor v = qkv.narrow(1, q_size + kv_size, kv_size).view({n, Hkv_, D_});
+      TORCH_CHECK(qkv.size(1) == q_size + 2 * kv_size && qkv.stride(1) == 1,
+                  "qkv_proj width does not match the head counts");
+      // Views of qkv's rows made directly (narrow + view are ~7 dispatcher calls a layer; the views must not
+      // outlive qkv, which stays alive to the end of the layer).
+      const int64_t row = qkv.stride(0);
+      char* base = static_cast<char*>(qkv.data_ptr());
+      const int64_t elem = qkv.element_size();
+      at::Tensor q = at::from_blob(base, {n, H_, D_}, {row, D_, 1}, qkv.options());
+      at::Tensor k = at::from_blob(base + q_size * elem, {n, Hkv_, D_}, {row, D_, 1}, qkv.options());
+      const at::Tensor v = at::from_blob(base + (q_size + kv_size) * elem, {n, Hkv_, D_}, {row, D_, 1}, qkv.options());
       clock_.run(kRotaryKvWrite, [&] {
         fused::rotary_inplace(positions, q, k, cos_, sin_);
         write_kv_cache(kv_cache, k, v, slot_mapping);
@@ -185,8 +191,9 @@ class DecodeStack {
       });
       const at::Tensor attn = clock_.run(kAttention, [&] {
         return fused::paged_attention_decode(q, kv_cache, block_tables, seq_lens, scale_, layer.sliding_window);
-      }).view({n, q_size});
-      const at::Tensor o = clock_.run(kO, [&] { return layer.o(attn); });
+      });  // [n, H, D] contiguous
+      const at::Tensor o =
+          clock_.run(kO, [&] { return layer.o(at::from_blob(attn.data_ptr(), {n, q_size}, attn.options())); });
       std::tie(h, residual) =
           clock_.run(kNorms, [&] { return fused::fused_add_rms_norm(o, residual, layer.post_norm, layer.post_eps); });
       const at::Tensor gate_up = clock_.run(kGateUp, [&] { return layer.gate_up(h); });

@@ -47,6 +47,9 @@ at::Tensor paged_attention_decode(const at::Tensor& query, const at::Tensor& kv_
                                   const at::Tensor& seq_lens, double scale, int64_t sliding_window);
 }  // namespace fused
 
+// logits [rows, vocab] float32 -> [rows] int64, torch.argmax(dim=-1)'s answer on one thread (fused_cpu.cpp).
+at::Tensor argmax_rows(const at::Tensor& logits);
+
 // Adds NativeLinear and DecodeStack (decode_stack.cpp) to the pybind module.
 void register_decode_stack(pybind11::module& m);
 

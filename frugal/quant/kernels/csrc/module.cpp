@@ -16,6 +16,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_x16_linear", &frugal::int8_x16_linear, "INT8 (x16 layout) x INT8-rounded activations, AVX512-VNNI");
   m.def("has_vnni_path", &frugal::has_vnni_path, "whether this CPU has AVX512-VNNI (the x16 kernel)");
   m.def("read_probe", &frugal::read_probe, "read a uint8 buffer once (memory bandwidth probe)");
+  m.def("argmax_rows", &frugal::argmax_rows, "argmax over each row of float32 logits, one thread",
+        pybind11::call_guard<pybind11::gil_scoped_release>());
   frugal::register_decode_stack(m);
   m.def("has_fast_path", &frugal::cpu_has_avx512_bf16, "whether this CPU has AVX512-BF16 (else every call dequantises)");
 }
