@@ -38,6 +38,26 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+def machine_description() -> str:
+    """The CPU model and the vector extensions the kernels care about, e.g. 'Intel(R) Xeon(R) Processor
+    (avx512f avx512_vnni avx512_bf16 amx_int8)': benchmark JSONs from different sessions may come from
+    different machines."""
+    model, flags = platform.processor() or platform.machine(), []
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and model in ("", platform.machine(), platform.processor()):
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    present = set(line.split(":", 1)[1].split())
+                    flags = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+                             if f in present]
+                    break
+    except OSError:
+        pass
+    return f"{model} ({' '.join(flags)})" if flags else model
+
+
 def current_rss_bytes() -> int:
     try:
         with open("/proc/self/statm") as f:
@@ -114,7 +134,7 @@ def run_bench(model_dir: Path, quantization, dtype: str, prompt_len: int, gen_le
                                                  bandwidth["bandwidth_gb_s"])
     row.pop("output_token_ids")
     return {"command": command, "model": str(model_dir), "prompt_len": prompt_len, "gen_len": gen_len,
-            "threads": threads, "machine": platform.processor() or platform.machine(), "bandwidth": bandwidth,
+            "threads": threads, "machine": machine_description(), "bandwidth": bandwidth,
             "runs": [row]}
 
 

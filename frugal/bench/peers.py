@@ -16,7 +16,6 @@ best bandwidth any row reached instead, where that beats the probe); `ratios` co
 from __future__ import annotations
 
 import logging
-import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -25,12 +24,13 @@ from frugal.errors import FrugalError
 
 logger = logging.getLogger(__name__)
 
-LLAMA_CPP_NOTE = ("llama.cpp via llama-cpp-python (registry build). Rows without a suffix load the model with "
-                  "use_extra_bufts=False, as the issue prescribes: the registry build segfaults on Q4_0 on AMX "
-                  "CPUs (GCC 12 miscompiles llama.cpp's AMX tile set-up) and the flag turns the AMX/extra-buffer "
-                  "repacking off. That flag also turns off llama.cpp's CPU weight repacking (Q4_0x8 kernels), "
-                  "so rows marked '+repack' run llama.cpp's default (extra buffers on) where it does not crash; "
-                  "the stronger llama.cpp row is the one to compare with")
+LLAMA_CPP_NOTE = ("llama.cpp via llama-cpp-python (the installed build: version and llama.cpp's system info are in "
+                  "llama_cpp_build). Rows without a suffix load the model with use_extra_bufts=False, as the issue "
+                  "prescribes: the registry build crashes on Q4_0 on AMX CPUs (GCC 12 miscompiles llama.cpp's AMX "
+                  "tile set-up) and the flag turns the AMX/extra-buffer repacking off. That flag also turns off "
+                  "llama.cpp's CPU weight repacking (Q4_0x8 kernels), so rows marked '+repack' run llama.cpp's "
+                  "default (extra buffers on) where it does not crash; the stronger llama.cpp row is the one to "
+                  "compare with")
 # (frugal row label, peer row label) pairs whose ratio the report carries.
 COMPARISONS = (("frugal int4-g32-sym", "llama.cpp Q4_0"), ("frugal int4-g32-sym", "llama.cpp Q4_0+repack"),
                ("frugal int4-g32-sym exact-act", "llama.cpp Q4_0"),
@@ -103,7 +103,7 @@ def prepare_frugal(model_dir: Path, work_dir: Path, quant: str) -> Path:
 def run_peers(model_dir: Path, work_dir: Path, prompt_len: int, gen_len: int, repeats: int, threads: int,
               command: str, frugal_quants: list[str], llama_types: list[str], with_hf: bool,
               install: bool = True, llama_repack: bool = True) -> dict:
-    from frugal.bench.decode import random_prompt
+    from frugal.bench.decode import machine_description, random_prompt
     from frugal.bench.roofline import roofline_fraction
     from frugal.bench.worker import run_in_subprocess
     from frugal.model.arch_config import load_arch_config
@@ -129,7 +129,7 @@ def run_peers(model_dir: Path, work_dir: Path, prompt_len: int, gen_len: int, re
                         + (" exact-act" if exact else "") + (" compiled" if compiled else "")
                         + (" eager" if eager else ""))
         rows.append(row)
-    failures = []
+    failures, llama_build = [], None
     for kind, path in ggufs.items():
         for extra_bufts in (False, True) if llama_repack else (False,):
             label = f"llama.cpp {kind}" + ("+repack" if extra_bufts else "")
@@ -144,6 +144,7 @@ def run_peers(model_dir: Path, work_dir: Path, prompt_len: int, gen_len: int, re
             row["label"] = label
             row["extra_bufts"] = extra_bufts
             rows.append(row)
+            llama_build = llama_build or row.pop("llama_cpp_build", None)
     if with_hf:
         logger.info("running HF transformers bf16")
         row = run_in_subprocess({**base, "engine": "hf", "dtype": "bfloat16"})
@@ -172,9 +173,10 @@ def run_peers(model_dir: Path, work_dir: Path, prompt_len: int, gen_len: int, re
             "peak_rss_bytes": by_label["frugal int4-g32-sym"]["peak_rss_bytes"] / by_label["frugal bf16"]["peak_rss_bytes"]}
     for row in rows:
         row.pop("output_token_ids", None)
+        row.pop("llama_cpp_build", None)
     return {"command": command, "model": str(model_dir), "prompt_len": prompt_len, "gen_len": gen_len,
-            "repeats": repeats, "threads": threads, "machine": platform.processor() or platform.machine(),
+            "repeats": repeats, "threads": threads, "machine": machine_description(),
             "bandwidth": {"bandwidth_gb_s": bandwidth, "measurements": bandwidths,
                           "best_observed_gb_s": observed},
-            "llama_cpp_note": LLAMA_CPP_NOTE if llama_types else None, "runs": rows, "ratios": ratios,
-            "failures": failures}
+            "llama_cpp_note": LLAMA_CPP_NOTE if llama_types else None, "llama_cpp_build": llama_build,
+            "runs": rows, "ratios": ratios, "failures": failures}

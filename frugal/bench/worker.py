@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -104,7 +105,10 @@ def run_in_subprocess(spec: dict, timeout_s: float = 3600) -> dict:
         if line.startswith(MARKER):
             return json.loads(line[len(MARKER):])
     tail = "\n".join((proc.stderr or "").splitlines()[-15:])
-    raise RuntimeError(f"benchmark worker {spec.get('engine')} failed (exit {proc.returncode}):\n{tail}")
+    how = f"exit {proc.returncode}"
+    if proc.returncode < 0:  # killed by a signal: say which (SIGILL, SIGSEGV, ...)
+        how += f", {signal.Signals(-proc.returncode).name}" if -proc.returncode in signal.valid_signals() else ""
+    raise RuntimeError(f"benchmark worker {spec.get('engine')} failed ({how}):\n{tail}")
 
 
 def main(argv: list[str]) -> int:

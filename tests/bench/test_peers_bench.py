@@ -38,3 +38,7 @@ def test_bench_peers_on_a_tiny_model(stories260k, tmp_path):
         assert 0 < row["roofline_fraction_vs_observed"] <= min(row["roofline_fraction"], 1.0) + 1e-9
     assert results["bandwidth"]["best_observed_gb_s"] >= results["bandwidth"]["bandwidth_gb_s"]
     assert "use_extra_bufts=False" in results["llama_cpp_note"]
+    # Which llama.cpp ran, and on what: the build's own system info line, the CPU model.
+    assert "AVX" in results["llama_cpp_build"]["system_info"] and results["llama_cpp_build"]["version"]
+    assert all("llama_cpp_build" not in row for row in results["runs"])
+    assert results["machine"]
