@@ -101,7 +101,8 @@ FRUGAL_AVX512 void scores_avx512(const GroupArgs& a, const T* k_base) {  // any 
     const T* k = k_base + a.slot(p);
     for (int64_t g = 0; g < a.G; ++g) {
       __m512 sum = _mm512_setzero_ps();
-      for (int64_t i = 0; i < a.D; i += 16) sum = _mm512_fmadd_ps(_mm512_loadu_ps(a.q + g * a.D + i), load16(k + i), sum);
+      for (int64_t i = 0; i < a.D; i += 16)
+        sum = _mm512_fmadd_ps(_mm512_loadu_ps(a.q + g * a.D + i), load16(k + i), sum);
       a.scores[g * L + (p - a.start)] = _mm512_reduce_add_ps(sum) * a.scale;
     }
   }

@@ -86,7 +86,8 @@ class PartClock {
     if (!enabled) return fn();
     const auto start = std::chrono::steady_clock::now();
     auto result = fn();
-    ns_[part] += std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - start).count();
+    const auto elapsed = std::chrono::steady_clock::now() - start;
+    ns_[part] += std::chrono::duration_cast<std::chrono::nanoseconds>(elapsed).count();
     calls_[part] += 1;
     return result;
   }
@@ -175,7 +176,7 @@ class DecodeStack {
       }
       const at::Tensor qkv = clock_.run(kQkv, [&] { return layer.qkv(h); });  // [n, (H + 2 Hkv) D]
       TORCH_CHECK(qkv.size(1) == q_size + 2 * kv_size && qkv.stride(1) == 1,
-                  "qkv_proj width does not match the head counts");
+                  "qkv_proj output must be contiguous rows of (H + 2 Hkv) * head_dim");
       // Views of qkv's rows made directly (narrow + view are ~7 dispatcher calls a layer; the views must not
       // outlive qkv, which stays alive to the end of the layer).
       const int64_t row = qkv.stride(0);
@@ -183,7 +184,8 @@ class DecodeStack {
       const int64_t elem = qkv.element_size();
       at::Tensor q = at::from_blob(base, {n, H_, D_}, {row, D_, 1}, qkv.options());
       at::Tensor k = at::from_blob(base + q_size * elem, {n, Hkv_, D_}, {row, D_, 1}, qkv.options());
-      const at::Tensor v = at::from_blob(base + (q_size + kv_size) * elem, {n, Hkv_, D_}, {row, D_, 1}, qkv.options());
+      const at::Tensor v =
+          at::from_blob(base + (q_size + kv_size) * elem, {n, Hkv_, D_}, {row, D_, 1}, qkv.options());
       clock_.run(kRotaryKvWrite, [&] {
         fused::rotary_inplace(positions, q, k, cos_, sin_);
         write_kv_cache(kv_cache, k, v, slot_mapping);
