@@ -42,6 +42,7 @@ def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
             return ops.argmax_rows(logits)
     return logits.argmax(dim=-1)
 
+
 _TINY = torch.finfo(torch.float32).tiny
 
 

@@ -130,3 +130,10 @@ def test_silu_and_mul_vector_lanes_equal_the_scalar_tail(dtype):
     gate, up = pattern[0].repeat(19)[:300], pattern[1].repeat(19)[:300]
     out = torch.ops.frugal.silu_and_mul(torch.cat([gate, up]).to(dtype).unsqueeze(0))[0]
     assert torch.equal(out[288:], out[:12])
+
+
+def test_paged_decode_attention_rejects_a_length_beyond_the_block_table():
+    query, kv_cache, metadata = _paged_decode_case(torch.float32, [9, 4], head_dim=32)
+    seq_lens = torch.tensor([9, metadata.block_tables.shape[1] * metadata.block_size + 1])
+    with pytest.raises(RuntimeError, match="does not fit the request's block table"):
+        torch.ops.frugal.paged_attention_decode(query, kv_cache, metadata.block_tables, seq_lens, 0.125, 0)

@@ -125,12 +125,17 @@ FRUGAL_AVX512 inline __m512 hsum16(const __m512* v) {
                        _mm512_shuffle_f32x4(s0, s1, _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
+// scores[g][c0 .. c0 + n) = scale * the lane sums of dots[0 .. n).
+FRUGAL_AVX512 inline void store_scores16(const GroupArgs& a, int64_t g, int64_t c0, int n, const __m512* dots) {
+  const __m512 sums = _mm512_mul_ps(hsum16(dots), _mm512_set1_ps(a.scale));
+  _mm512_mask_storeu_ps(a.scores + g * (a.end - a.start) + (c0 - a.start), (__mmask16)((1u << n) - 1), sums);
+}
+
 // D = 16 * ND: 16 positions at a time, their rows converted to fp32 once, one head's 16 dot products
 // reduced together by hsum16.
 template <typename T, int ND>
 FRUGAL_AVX512 void scores_blocked(const GroupArgs& a, const T* k_base) {
   constexpr int D = 16 * ND;
-  const int64_t L = a.end - a.start;
   alignas(64) float kbuf[16][D];
   for (int64_t c0 = a.start; c0 < a.end; c0 += 16) {
     const int n = int(std::min<int64_t>(16, a.end - c0));
@@ -149,8 +154,7 @@ FRUGAL_AVX512 void scores_blocked(const GroupArgs& a, const T* k_base) {
           for (int i = 0; i < ND; ++i) acc = _mm512_fmadd_ps(qv[i], _mm512_load_ps(kbuf[j] + 16 * i), acc);
         dots[j] = acc;
       }
-      const __m512 sums = _mm512_mul_ps(hsum16(dots), _mm512_set1_ps(a.scale));
-      _mm512_mask_storeu_ps(a.scores + g * L + (c0 - a.start), (__mmask16)((1u << n) - 1), sums);
+      store_scores16(a, g, c0, n, dots);
     }
   }
 }
@@ -161,7 +165,6 @@ template <int ND>
 FRUGAL_AVX512_BF16 void scores_blocked_bf16dp(const GroupArgs& a, const at::BFloat16* k_base) {
   constexpr int D = 16 * ND, NP = D / 32;
   static_assert(D % 32 == 0, "32 bf16 values per vdpbf16ps");
-  const int64_t L = a.end - a.start;
   for (int64_t c0 = a.start; c0 < a.end; c0 += 16) {
     const int n = int(std::min<int64_t>(16, a.end - c0));
     const at::BFloat16* rows[16];
@@ -180,8 +183,7 @@ FRUGAL_AVX512_BF16 void scores_blocked_bf16dp(const GroupArgs& a, const at::BFlo
             acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(rows[j] + 32 * i), (__m512bh)qv[i]);
         dots[j] = acc;
       }
-      const __m512 sums = _mm512_mul_ps(hsum16(dots), _mm512_set1_ps(a.scale));
-      _mm512_mask_storeu_ps(a.scores + g * L + (c0 - a.start), (__mmask16)((1u << n) - 1), sums);
+      store_scores16(a, g, c0, n, dots);
     }
   }
 }
@@ -337,6 +339,8 @@ void paged_attention_decode_kernel(const at::Tensor& query, const at::Tensor& kv
   int64_t total_positions = 0;
   for (int64_t b = 0; b < B; ++b) {
     const int64_t end = lens[b];
+    TORCH_CHECK(end >= 0 && end <= block_tables.size(1) * block_size, "seq_lens[", b, "] = ", end,
+                " does not fit the request's block table (", block_tables.size(1), " blocks of ", block_size, ")");
     starts[b] = sliding_window > 0 ? std::max<int64_t>(0, end - sliding_window) : 0;
     const int64_t chunks = (std::max<int64_t>(end - starts[b], 0) + kChunk - 1) / kChunk;
     for (int64_t c = 0; c < chunks; ++c) {
