@@ -56,6 +56,18 @@ def add_decode_bench_parsers(bench_sub) -> None:
     peers.add_argument("--no-install", action="store_true", help="fail instead of pip-installing llama-cpp-python")
     peers.set_defaults(func=cmd_peers)
 
+    attention = bench_sub.add_parser("attention", help="the decode-attention kernel alone: AVX-512 vs AMX tiles")
+    attention.add_argument("--shapes", nargs="+", default=["tinyllama-1.1b", "smollm2-135m"],
+                           help="named model shapes (frugal.bench.shapes)")
+    attention.add_argument("--contexts", nargs="+", type=int, default=[576, 2048], help="cached positions")
+    attention.add_argument("--layers", nargs="+", type=int, default=[1, 64],
+                           help="caches walked per round: 1 stays in CPU caches, 64 comes from memory")
+    attention.add_argument("--threads", type=int, default=2)
+    attention.add_argument("--rounds", type=int, default=20)
+    attention.add_argument("--out", default="benchmarks")
+    attention.add_argument("--name", default="attention_decode")
+    attention.set_defaults(func=cmd_attention)
+
     from frugal.cli.quantize import DEFAULT_CALIBRATION
 
     quality = bench_sub.add_parser("quality", help="perplexity of fp32/bf16/INT8/INT4 (g32, g128, rtn, gptq)")
@@ -132,6 +144,22 @@ def cmd_peers(args: argparse.Namespace) -> int:
                   f"roofline {100 * row['roofline_fraction']:5.1f}%")
         for name_, ratio in results["ratios"].items():
             print(f"{name_}: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratio.items()))
+    logger.info("wrote %s and %s", json_path, png_path)
+    return 0
+
+
+def cmd_attention(args: argparse.Namespace) -> int:
+    from frugal.bench.attention import plot_attention, run_attention_bench
+    from frugal.bench.output import write_json_and_png
+
+    results = run_attention_bench(args.shapes, args.contexts, args.layers, args.threads, args.rounds,
+                                  invoked_command())
+    json_path, png_path = write_json_and_png(results, Path(args.out), args.name,
+                                             lambda png: plot_attention(results, png, "paged decode attention"))
+    for row in results["rows"]:
+        amx = f"{row['amx_median_us']:7.1f}" if row.get("amx_median_us") else "    n/a"
+        print(f"{row['shape']:>15} ctx {row['context']:5d} caches {row['layers']:3d}: AVX-512 "
+              f"{row['avx512_median_us']:7.1f} us  AMX {amx} us (medians of {args.rounds})")
     logger.info("wrote %s and %s", json_path, png_path)
     return 0
 

@@ -137,3 +137,56 @@ def test_paged_decode_attention_rejects_a_length_beyond_the_block_table():
     seq_lens = torch.tensor([9, metadata.block_tables.shape[1] * metadata.block_size + 1])
     with pytest.raises(RuntimeError, match="does not fit the request's block table"):
         torch.ops.frugal.paged_attention_decode(query, kv_cache, metadata.block_tables, seq_lens, 0.125, 0)
+
+
+def _amx_switch():
+    from frugal.quant.kernels import cpu_kernels
+
+    kernels = cpu_kernels()
+    if kernels is None or not kernels.amx_attention_available():
+        pytest.skip("no AMX-BF16 here (or Linux refused the tile state)")
+    return kernels
+
+
+def _attention_with_and_without_amx(kernels, query, kv_cache, metadata, sliding_window):
+    backend = get_attention_backend("cpu")
+    enabled = kernels.amx_attention_enabled()
+    try:
+        kernels.set_amx_attention(True)
+        assert kernels.amx_attention_enabled()
+        with_amx = backend.forward(query, kv_cache, metadata, 0.125, sliding_window)
+        kernels.set_amx_attention(False)
+        assert not kernels.amx_attention_enabled()
+        without = backend.forward(query, kv_cache, metadata, 0.125, sliding_window)
+    finally:
+        kernels.set_amx_attention(enabled)
+    return with_amx, without
+
+
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim,block_size,seq_lens,sliding_window", [
+    (8, 2, 64, 16, [700, 5, 33], None),  # 16 positions in one block: K tiles loaded in place
+    (16, 4, 64, 4, [300, 17], None),  # blocks of 4: rows gathered
+    (16, 1, 128, 16, [129, 64], 7),  # 16 heads per KV head, two passes over head dims, a window
+    (8, 1, 32, 8, [50, 1], None),  # head_dim 32
+])
+def test_amx_decode_attention_matches_the_reference_and_the_avx512_path(num_heads, num_kv_heads, head_dim,
+                                                                        block_size, seq_lens, sliding_window):
+    kernels = _amx_switch()
+    query, kv_cache, metadata = _paged_decode_case(torch.bfloat16, seq_lens, num_heads=num_heads,
+                                                   num_kv_heads=num_kv_heads, head_dim=head_dim, block_size=block_size)
+    with_amx, without = _attention_with_and_without_amx(kernels, query, kv_cache, metadata, sliding_window)
+    reference = ReferenceAttentionBackend().forward(query, kv_cache, metadata, 0.125, sliding_window)
+    torch.testing.assert_close(with_amx, reference, **EXACT[torch.bfloat16])
+    torch.testing.assert_close(with_amx, without, **EXACT[torch.bfloat16])
+    assert not torch.equal(with_amx, without)  # the tiles really ran (their P V takes bf16 weights)
+
+
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(32, 1), (9, 3)])
+def test_amx_decode_attention_leaves_other_shapes_to_avx512(num_heads, num_kv_heads):
+    """32 query heads per KV head do not fit a 16-column tile, and below 4 the tiles do not pay: both settings
+    take the same AVX-512 path."""
+    kernels = _amx_switch()
+    query, kv_cache, metadata = _paged_decode_case(torch.bfloat16, [100, 7], num_heads=num_heads,
+                                                   num_kv_heads=num_kv_heads, head_dim=64, block_size=16)
+    with_amx, without = _attention_with_and_without_amx(kernels, query, kv_cache, metadata, None)
+    assert torch.equal(with_amx, without)

@@ -24,9 +24,10 @@ logger = logging.getLogger(__name__)
 
 _CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = [_CSRC / name for name in ("module.cpp", "int4_cpu.cpp", "vnni_cpu.cpp", "dense_cpu.cpp", "fused_cpu.cpp",
-                                       "decode_attention_cpu.cpp",
+                                       "decode_attention_cpu.cpp", "decode_attention_amx.cpp",
                                        "dispatcher_ops.cpp", "decode_stack.cpp")]
-HEADERS = [_CSRC / name for name in ("common.h", "kernel_ops.h", "simd_math.h", "work_sharing.h")]
+HEADERS = [_CSRC / name for name in ("common.h", "kernel_ops.h", "simd_math.h", "work_sharing.h",
+                                     "decode_attention_amx.h")]
 EXTENSION_NAME = "frugal_cpu_kernels"
 # -fopenmp: at::parallel_for is inline OpenMP, so without it every kernel would run on one thread (the
 # runtime is the libgomp torch has already loaded: same soname). -ffp-contract=off: no FMA contraction in

@@ -2,6 +2,7 @@
 #include <torch/extension.h>
 
 #include "common.h"
+#include "decode_attention_amx.h"
 #include "kernel_ops.h"
 
 
@@ -18,6 +19,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("read_probe", &frugal::read_probe, "read a uint8 buffer once (memory bandwidth probe)");
   m.def("argmax_rows", &frugal::argmax_rows, "argmax over each row of float32 logits, one thread",
         pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("amx_attention_available", &frugal::amx::available,
+        "whether decode attention can use AMX-BF16 tiles here (CPU support and the kernel's permission)");
+  m.def("amx_attention_enabled", &frugal::amx::enabled, "whether bf16 decode attention uses AMX tiles now");
+  m.def("set_amx_attention", &frugal::amx::set_enabled, pybind11::arg("enabled"),
+        "switch AMX decode attention on or off for this process (FRUGAL_NO_AMX=1 starts it off)");
   frugal::register_decode_stack(m);
   m.def("has_fast_path", &frugal::cpu_has_avx512_bf16, "whether this CPU has AVX512-BF16 (else every call dequantises)");
 }
