@@ -98,14 +98,15 @@ def plot_attention(results: dict, png_path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(max(7, 1.3 * len(rows)), 4.5))
     for offset, path, color in ((-0.2, "avx512", "tab:blue"), (0.2, "amx", "tab:green")):
         values = [row.get(f"{path}_median_us") or 0.0 for row in rows]
-        ax.bar([i + offset for i in range(len(rows))], values, width=0.4, color=color, label=path)
+        label = "AMX where the shape takes it (4-16 heads per KV head), else AVX-512 again" if path == "amx" else path
+        ax.bar([i + offset for i in range(len(rows))], values, width=0.4, color=color, label=label)
         for i, value in enumerate(values):
             if value:
                 ax.text(i + offset, value, f"{value:.0f}", ha="center", va="bottom", fontsize=7)
     ax.set_xticks(range(len(rows)), [f"{r['shape']}\nctx {r['context']}, {r['layers']} cache(s)" for r in rows],
                   fontsize=7)
     ax.set_ylabel("µs per call (median)")
-    ax.legend()
+    ax.legend(fontsize=7)
     ax.set_title(f"{title}, {results['threads']} threads", fontsize=9)
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
