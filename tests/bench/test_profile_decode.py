@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from frugal.bench.profile_decode import profile_decode
 from frugal.cli.main import main
@@ -13,13 +12,6 @@ from frugal.quant.kernels import cpu_kernels
 from tiny_models import make_tiny_checkpoint
 
 needs_kernels = pytest.mark.skipif(cpu_kernels() is None, reason="frugal's CPU kernels are not available here")
-
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
 
 NATIVE_PARTS = {"norms", "qkv_proj", "rotary + kv write", "attention", "o_proj", "gate_up_proj", "silu_and_mul",
                 "down_proj", "lm_head"}
