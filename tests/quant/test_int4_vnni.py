@@ -106,6 +106,54 @@ def test_int8_vnni_kernel_matches_oracle_on_rounded_activations(vnni_ops, dtype,
                                **(dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)))
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_vnni_kernels_shared_by_two_threads_in_stream_order_match_one_thread(vnni_ops, bits):
+    """Matrices past the sharing threshold run on the helper threads too, each thread taking a contiguous
+    range of chunks (WorkSharing::run_streams): every output row is written once, whatever the thread count."""
+    from frugal.quant.int8 import quantize_int8
+    from frugal.quant.int8 import to_x16_layout as int8_to_x16
+
+    torch.manual_seed(bits)
+    out_features, in_features = 1040, 512  # 65 tiles of 16 rows: odd chunk counts; 266 KiB of INT4 weights
+    if bits == 4:
+        packed = quantize_int4(torch.randn(out_features, in_features) * 0.05, 32, "sym")
+        weight = dequantize_int4(packed.qweight, packed.scales, packed.qzeros, 32, in_features).double()
+        qweight, scales, _ = to_x16_layout(packed.qweight, packed.scales, packed.qzeros)
+
+        def run(x):
+            return vnni_ops.int4_x16_linear(x, qweight, scales, None, 32, None, 2**62)
+    else:
+        packed = quantize_int8(torch.randn(out_features, in_features))
+        weight = (packed.qweight.double() * packed.scales.double().unsqueeze(1))
+        tiled = int8_to_x16(packed.qweight)
+
+        def run(x):
+            return vnni_ops.int8_x16_linear(x, tiled, packed.scales, None, 2**62)
+
+    x = torch.randn(3, in_features)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = run(x)
+        torch.set_num_threads(2)
+        shared = [run(x) for _ in range(20)]
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(y, alone) for y in shared)
+    expected = round_activations_int8(x).double() @ weight.t()
+    torch.testing.assert_close(alone.double(), expected, atol=1e-4, rtol=1e-5)
+
+
+def test_stream_order_gives_each_thread_one_contiguous_range(cpu_ops):
+    for num_chunks in range(1, 40):
+        for parts in range(1, 6):
+            chunks = [cpu_ops.contiguous_chunk(k, num_chunks, parts) for k in range(num_chunks)]
+            assert sorted(chunks) == list(range(num_chunks)), (num_chunks, parts)  # each chunk exactly once
+            for r in range(parts):  # while the threads take turns, thread r's chunks are consecutive
+                own = chunks[r::parts]
+                assert own == list(range(own[0], own[0] + len(own))) if own else True
+
+
 def test_tied_int8_head_on_the_vnni_kernel_keeps_lookups_right(vnni_ops, tiny_tied):
     """A tied INT8 head is repacked for the VNNI kernel; the embedding shares the tensor and must still
     find each token's row."""

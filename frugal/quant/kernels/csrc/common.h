@@ -78,7 +78,7 @@ inline void run_tiles(int64_t M, int64_t N, int64_t weight_bytes, Tile1 tile1, T
   // Below ~0.5 MiB of weights a second thread costs more (waking it) than it saves.
   constexpr int64_t kParallelMinBytes = 512 * 1024;
   const int64_t num_chunks = (num_tiles + kTilesPerChunk - 1) / kTilesPerChunk;
-  frugal::WorkSharing::instance().run(weight_bytes >= kParallelMinBytes ? num_chunks : -num_chunks, [&](int64_t chunk) {
+  frugal::WorkSharing::instance().run_streams(weight_bytes >= kParallelMinBytes ? num_chunks : -num_chunks, [&](int64_t chunk) {
     const int64_t t1 = std::min(num_tiles, (chunk + 1) * kTilesPerChunk);
     for (int64_t t = chunk * kTilesPerChunk; t < t1; ++t) {
       const int64_t n0 = t * kTileRows;

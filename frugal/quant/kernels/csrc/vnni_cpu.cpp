@@ -206,7 +206,7 @@ at::Tensor int4_x16_linear(const at::Tensor& x_in, const at::Tensor& qweight, co
   constexpr int64_t kTilesPerChunk = 4;  // 64 output rows: 64 KiB of weights at K = 2048
   const int64_t num_chunks = (num_tiles + kTilesPerChunk - 1) / kTilesPerChunk;
   const bool share = N * Kp / 2 >= kX16ParallelMinBytes;
-  WorkSharing::instance().run(share ? num_chunks : -num_chunks, [&](int64_t chunk) {
+  WorkSharing::instance().run_streams(share ? num_chunks : -num_chunks, [&](int64_t chunk) {
     for (int64_t t = chunk * kTilesPerChunk; t < std::min(num_tiles, (chunk + 1) * kTilesPerChunk); ++t) {
       const uint8_t* tq = qw + t * tile_bytes;
       const uint16_t* ts = sc + t * kRowsPerTile * lds;
@@ -286,7 +286,7 @@ at::Tensor int8_x16_linear(const at::Tensor& x_in, const at::Tensor& qweight, co
   constexpr int64_t kTilesPerChunk = 2;  // 32 output rows: 64 KiB of weights at K = 2048
   const int64_t num_chunks = (num_tiles + kTilesPerChunk - 1) / kTilesPerChunk;
   const bool share = N * K >= kX16ParallelMinBytes;
-  WorkSharing::instance().run(share ? num_chunks : -num_chunks, [&](int64_t chunk) {
+  WorkSharing::instance().run_streams(share ? num_chunks : -num_chunks, [&](int64_t chunk) {
     for (int64_t t = chunk * kTilesPerChunk; t < std::min(num_tiles, (chunk + 1) * kTilesPerChunk); ++t) {
       int64_t m = 0;
       for (; m + 4 <= M; m += 4) tile_x16_int8<4>(qw + t * tile_bytes, sc, K, xq, xd, m, t * kRowsPerTile, o);

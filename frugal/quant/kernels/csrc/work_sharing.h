@@ -10,6 +10,14 @@
 // Invariants: every chunk index in [0, num_chunks) runs exactly once, with the job that was current when
 // it was claimed; `run` returns only when no claimed chunk is still running. Helpers spin briefly for the
 // next job, then sleep on a condition variable. Thread count follows at::get_num_threads() at each call.
+//
+// Stream order (`run_streams`, for chunks that are consecutive pieces of one weight matrix): while the
+// threads take turns claiming, each one's chunks form one contiguous range (claim k -> contiguous_chunk),
+// so each thread reads one sequential stream that the hardware prefetcher follows, instead of every other
+// chunk with a cold start at each. On Zen 4, 2 threads: back-to-back over SmolLM2-135M-sized INT4 matrices
+// from DRAM, 11-14% faster for the 0.2-1 MB matrices and 4% at TinyLlama's 2.6 MB (one-off microbenchmark);
+// a whole native decode step (forward + LM head, the two orders alternating in one process,
+// set_stream_order): SmolLM2-135M INT4 5.55 -> 4.80 ms, TinyLlama-1.1B INT4 21.7 -> 20.9 ms.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -26,6 +34,16 @@
 
 namespace frugal {
 
+// Claim k of n, with `parts` threads claiming in turn (k % parts is the thread while turns alternate) ->
+// chunk index: part r's claims run through its own contiguous range, ranges in part order. A bijection on
+// [0, n) whatever order the claims actually come in.
+inline int64_t contiguous_chunk(int64_t k, int64_t n, int64_t parts) {
+  const int64_t r = k % parts;
+  int64_t start = 0;  // chunks taken by the parts before r: ceil((n - i) / parts) claims have residue i
+  for (int64_t i = 0; i < r; ++i) start += (n - i + parts - 1) / parts;
+  return start + k / parts;
+}
+
 class WorkSharing {
  public:
   static WorkSharing& instance() {
@@ -35,7 +53,21 @@ class WorkSharing {
 
   // Runs fn(c) for c in [0, |num_chunks|) on the calling thread plus up to at::get_num_threads() - 1 helpers;
   // a negative count runs them all on the calling thread (work too small to share).
-  void run(int64_t num_chunks, const std::function<void(int64_t)>& fn) {
+  void run(int64_t num_chunks, const std::function<void(int64_t)>& fn) { run_job(num_chunks, fn, false); }
+
+  // As run, in stream order (above): for chunks that split one sequential read (a weight matrix) by rows.
+  void run_streams(int64_t num_chunks, const std::function<void(int64_t)>& fn) {
+    run_job(num_chunks, fn, stream_order_.load(std::memory_order_relaxed));
+  }
+
+  // Stream order on (the default) or off (plain claim order), for same-process A/B timing.
+  void set_stream_order(bool on) { stream_order_.store(on); }
+  bool stream_order() const { return stream_order_.load(); }
+
+ private:
+  WorkSharing() = default;
+
+  void run_job(int64_t num_chunks, const std::function<void(int64_t)>& fn, bool streams) {
     const int threads = std::max(1, at::get_num_threads());
     const bool share = num_chunks > 0;
     num_chunks = num_chunks < 0 ? -num_chunks : num_chunks;
@@ -46,7 +78,11 @@ class WorkSharing {
     std::lock_guard<std::mutex> one_job_at_a_time(job_mutex_);
     ensure_helpers(threads - 1);
     max_helpers_.store(threads - 1);
+    // Publish the job: first make the counter unclaimable, so a helper still finishing its claim loop from
+    // the last job cannot pair a stale index with this job's fields; then the fields; then index 0.
+    next_.store(kNoClaims);
     fn_.store(&fn);
+    parts_.store(streams ? threads : 1);
     num_chunks_.store(num_chunks);
     next_.store(0);
     {
@@ -58,14 +94,17 @@ class WorkSharing {
     while (active_.load() != 0) _mm_pause();
   }
 
- private:
-  WorkSharing() = default;
-
+  // Claims and runs chunks until the counter is exhausted. A claim is a compare-exchange from a value read
+  // with this job's fields in place (see run_job), so every claim belongs to exactly one job and runs once.
   void work() {
+    int64_t c = next_.load();
     for (;;) {
-      const int64_t c = next_.fetch_add(1);
-      if (c >= num_chunks_.load()) return;
-      (*fn_.load())(c);
+      const int64_t n = num_chunks_.load();
+      if (c >= n) return;
+      if (!next_.compare_exchange_weak(c, c + 1)) continue;  // c now holds the current value
+      const int64_t parts = parts_.load();
+      (*fn_.load())(parts > 1 ? contiguous_chunk(c, n, parts) : c);
+      c = next_.load();
     }
   }
 
@@ -101,6 +140,9 @@ class WorkSharing {
   std::vector<std::thread> helpers_;
   std::atomic<uint64_t> generation_{0};
   std::atomic<int> sleepers_{0}, active_{0}, max_helpers_{0};
+  std::atomic<int64_t> parts_{1};
+  std::atomic<bool> stream_order_{true};
+  static constexpr int64_t kNoClaims = INT64_MAX / 2;
   std::atomic<int64_t> next_{0}, num_chunks_{0};
   std::atomic<const std::function<void(int64_t)>*> fn_{nullptr};
 };
