@@ -404,7 +404,7 @@ void paged_attention_decode_kernel(const at::Tensor& query, const at::Tensor& kv
     }
   };
   // Threads only when there is enough to attend (the caller runs every item itself when helpers are busy).
-  frugal::WorkSharing::instance().run(total_positions * Hkv >= 1024 ? num_items : -num_items, run_item);
+  frugal::WorkSharing::instance().run_streams(total_positions * Hkv >= 1024 ? num_items : -num_items, run_item);
   // Merge each head's chunks in order: out = sum_c w_c acc_c, w_c = exp(m_c - M) / sum_c' exp(m_c' - M) l_c'.
   std::vector<float> weights, merged(D);
   for (int64_t b = 0; b < B; ++b) {
