@@ -147,7 +147,8 @@ def plot_rows(results: dict, png_path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     rows = results["runs"]
-    labels = [row.get("label") or f"{row['engine']}\n{row.get('quantization') or row.get('dtype')}" for row in rows]
+    labels = [(row.get("label") or f"{row['engine']} {row.get('quantization') or row.get('dtype')}").replace(" ", "\n")
+              for row in rows]
     colors = ["tab:green" if row["engine"] == "frugal" else "tab:blue" if row["engine"] == "llama.cpp"
               else "tab:gray" for row in rows]
     fig, axes = plt.subplots(2, 1, figsize=(max(8, min(16, 1.2 * len(rows))), 8))
@@ -155,16 +156,21 @@ def plot_rows(results: dict, png_path: Path, title: str) -> None:
                           (axes[1], "decode_tokens_per_s", f"decode (batch 1, {results['gen_len']} tokens)")):
         values = [row[key] for row in rows]
         ax.bar(range(len(rows)), values, color=colors)
+        ax.set_ylim(0, 1.25 * max(values, default=1.0))  # room for the labels above the bars
         ax.set_xticks(range(len(rows)), labels, fontsize=7)
         for i, (value, row) in enumerate(zip(values, rows)):
             text = f"{value:.1f}"
             if key == "decode_tokens_per_s" and row.get("roofline_fraction") is not None:
                 text += f"\n{100 * row['roofline_fraction']:.0f}% roof"
+                if row.get("roofline_fraction_vs_observed") is not None:  # peers: vs the best any engine streamed
+                    text += f"\n{100 * row['roofline_fraction_vs_observed']:.0f}% best"
             ax.text(i, value, text, ha="center", va="bottom", fontsize=7)
         ax.set_title(name)
         ax.set_ylabel("tokens/s")
     bandwidth = results.get("bandwidth", {}).get("bandwidth_gb_s")
-    fig.suptitle(f"{title}, {results['threads']} threads" + (f", {bandwidth:.1f} GB/s read" if bandwidth else ""))
+    best = results.get("bandwidth", {}).get("best_observed_gb_s")
+    fig.suptitle(f"{title}, {results['threads']} threads" + (f", {bandwidth:.1f} GB/s read probe" if bandwidth else "")
+                 + (f", {best:.1f} GB/s best streamed by an engine" if best else ""))
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
     plt.close(fig)
