@@ -15,7 +15,7 @@
 // threads take turns claiming, each one's chunks form one contiguous range (claim k -> contiguous_chunk),
 // so each thread reads one sequential stream that the hardware prefetcher follows, instead of every other
 // chunk with a cold start at each. On Zen 4, 2 threads: back-to-back over SmolLM2-135M-sized INT4 matrices
-// from DRAM, 11-14% faster for the 0.2-1 MB matrices and 4% at TinyLlama's 2.6 MB (one-off microbenchmark);
+// from DRAM, 3-14% faster for the 0.3-1.1 MB matrices and 4% at TinyLlama's 2.6 MB (one-off microbenchmark);
 // a whole native decode step (forward + LM head, the two orders alternating in one process,
 // set_stream_order): SmolLM2-135M INT4 5.55 -> 4.80 ms, TinyLlama-1.1B INT4 21.7 -> 20.9 ms.
 #pragma once
