@@ -152,6 +152,9 @@ def test_stream_order_gives_each_thread_one_contiguous_range(cpu_ops):
             for r in range(parts):  # while the threads take turns, thread r's chunks are consecutive
                 own = chunks[r::parts]
                 assert own == list(range(own[0], own[0] + len(own))) if own else True
+    for bad in ((0, 4, 0), (4, 4, 2), (-1, 4, 2)):  # no parts, claims outside the job: a clear error
+        with pytest.raises(RuntimeError):
+            cpu_ops.contiguous_chunk(*bad)
 
 
 def test_tied_int8_head_on_the_vnni_kernel_keeps_lookups_right(vnni_ops, tiny_tied):

@@ -25,11 +25,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("amx_attention_enabled", &frugal::amx::enabled, "whether bf16 decode attention uses AMX tiles now");
   m.def("set_amx_attention", &frugal::amx::set_enabled, pybind11::arg("enabled"),
         "switch AMX decode attention on or off for this process (FRUGAL_NO_AMX=1 starts it off)");
-  m.def("contiguous_chunk", &frugal::contiguous_chunk, pybind11::arg("claim"), pybind11::arg("num_chunks"),
-        pybind11::arg("parts"), "the chunk that claim k of a stream-ordered job runs (WorkSharing::run_streams)");
+  m.def("contiguous_chunk",
+        [](int64_t claim, int64_t num_chunks, int64_t parts) {
+          // The kernels call it unchecked; from Python a bad argument is an error, not a division by zero.
+          TORCH_CHECK(parts >= 1, "parts must be >= 1, got ", parts);
+          TORCH_CHECK(claim >= 0 && claim < num_chunks, "claim ", claim, " outside [0, ", num_chunks, ")");
+          return frugal::contiguous_chunk(claim, num_chunks, parts);
+        },
+        pybind11::arg("claim"), pybind11::arg("num_chunks"), pybind11::arg("parts"),
+        "the chunk that claim k of a stream-ordered job runs (WorkSharing::run_streams)");
   m.def("set_stream_order", [](bool on) { frugal::WorkSharing::instance().set_stream_order(on); },
         pybind11::arg("enabled"), "streaming kernels: each thread one contiguous range of rows (default) or not");
-  m.def("stream_order_enabled", [] { return frugal::WorkSharing::instance().stream_order(); });
+  m.def("stream_order_enabled", [] { return frugal::WorkSharing::instance().stream_order(); },
+        "whether the streaming kernels claim in stream order now");
   frugal::register_decode_stack(m);
   m.def("has_fast_path", &frugal::cpu_has_avx512_bf16, "whether this CPU has AVX512-BF16 (else every call dequantises)");
 }
